@@ -1,0 +1,42 @@
+"""numpyro-mlmc: pretrained diffusion models as priors in NumPyro models, with posterior
+expectations to a requested accuracy by Multilevel Monte Carlo (Haji-Ali, Pereyra, Shaw and
+Zygalakis, arXiv 2409.15511)."""
+
+from ._diffusion import ReverseDiffusion
+from ._gmm import GaussianMixturePrior, GaussianMixtureScoreModel
+from ._priors import AbstractDiffusionPrior, DiffusionPrior
+from ._schedules import AbstractSchedule, CosineVPSchedule, VESchedule, VPSchedule, time_grid
+from ._score_models import AbstractScoreModel, NetworkScoreModel
+from ._solvers import (
+    DDIM,
+    AbstractReverseSampler,
+    Ancestral,
+    EulerMaruyama,
+    Heun,
+    coupled_reverse_paths,
+    reverse_path,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractDiffusionPrior",
+    "AbstractReverseSampler",
+    "AbstractSchedule",
+    "AbstractScoreModel",
+    "Ancestral",
+    "CosineVPSchedule",
+    "DDIM",
+    "DiffusionPrior",
+    "EulerMaruyama",
+    "GaussianMixturePrior",
+    "GaussianMixtureScoreModel",
+    "Heun",
+    "NetworkScoreModel",
+    "ReverseDiffusion",
+    "VESchedule",
+    "VPSchedule",
+    "coupled_reverse_paths",
+    "reverse_path",
+    "time_grid",
+]

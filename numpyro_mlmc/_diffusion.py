@@ -1,0 +1,129 @@
+"""Batched, jitted reverse diffusion for one problem: a score model, a sampler, a start.
+
+`ReverseDiffusion` bundles what a batch of reverse paths needs. Its arrays (network weights,
+observations) are traced, its configuration is static, so one compilation serves every batch of
+one shape and every observation of one shape. Keys are per path: path `i` of a batch is a pure
+function of `keys[i]`, so results do not depend on how paths are grouped into batches.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from ._schedules import time_grid
+from ._score_models import AbstractScoreModel
+from ._solvers import AbstractReverseSampler, coupled_reverse_paths, reverse_path
+
+__all__ = ["ReverseDiffusion", "check_num_steps", "check_refinement"]
+
+
+def check_num_steps(num_steps, name: str = "num_steps") -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {num_steps!r}.")
+    if num_steps < 1:
+        raise ValueError(f"{name} must be >= 1, got {num_steps}; use at least one step.")
+    return int(num_steps)
+
+
+def check_refinement(refinement) -> int:
+    if isinstance(refinement, bool) or not isinstance(refinement, (int, np.integer)):
+        raise TypeError(f"refinement must be an int >= 2, got {refinement!r}.")
+    if refinement < 2:
+        raise ValueError(
+            f"refinement must be >= 2 (each level refines every step of the previous one into "
+            f"`refinement` steps), got {refinement}."
+        )
+    return int(refinement)
+
+
+class ReverseDiffusion(eqx.Module):
+    """Reverse diffusion from `t_start` down to `t_end` for one problem.
+
+    The start state is `x_start_mean + x_start_std * z` with `z ~ N(0, I)`: for unconditional
+    sampling `(0, sqrt(alpha_T^2 + sigma_T^2))`; for the start-time denoising sampler
+    `(alpha(t*) y, 0)`.
+
+    Attributes:
+        model: per-sample score model (prior, or a guided posterior score).
+        sampler: the reverse step.
+        event_shape: shape of one sample.
+        t_start, t_end: the time interval (`t_start > t_end`).
+        x_start_mean: array broadcastable to `event_shape`.
+        x_start_std: scalar.
+        spacing, exponent: time spacing of the grids (see `time_grid`).
+    """
+
+    model: AbstractScoreModel
+    sampler: AbstractReverseSampler
+    x_start_mean: jax.Array
+    x_start_std: float
+    event_shape: tuple[int, ...] = eqx.field(static=True)
+    t_start: float = eqx.field(static=True)
+    t_end: float = eqx.field(static=True, default=0.0)
+    spacing: str = eqx.field(static=True, default="uniform")
+    exponent: float = eqx.field(static=True, default=2.0)
+
+    def times(self, num_steps: int) -> np.ndarray:
+        """The decreasing grid of `num_steps` steps (float64 numpy, shape `(num_steps + 1,)`)."""
+        return time_grid(
+            check_num_steps(num_steps),
+            t_start=self.t_start,
+            t_end=self.t_end,
+            spacing=self.spacing,
+            exponent=self.exponent,
+        )
+
+    def nfe(self, num_steps: int) -> int:
+        """Network evaluations of one path with `num_steps` steps."""
+        final_sigma = float(self.model.schedule.sigma(self.t_end))
+        return self.sampler.num_function_evaluations(check_num_steps(num_steps), final_sigma)
+
+    def start(self, key, dtype=jnp.float32):
+        z = jr.normal(key, self.event_shape, dtype)
+        return jnp.asarray(self.x_start_mean, dtype) + self.x_start_std * z
+
+    def sample(self, keys, num_steps: int):
+        """End states of `keys.shape[0]` independent paths; shape `(B, *event_shape)`."""
+        times = jnp.asarray(self.times(num_steps), dtype=jnp.float32)
+        return _sample_batch(self, times, keys)
+
+    def sample_coupled(self, keys, num_steps: int, refinement: int):
+        """Coupled (fine, coarse) end states, `num_steps` fine steps and `num_steps //
+        refinement` coarse steps; each of shape `(B, *event_shape)`. The fine states equal
+        `sample(keys, num_steps)`."""
+        m = check_refinement(refinement)
+        if num_steps % m:
+            raise ValueError(f"num_steps={num_steps} is not a multiple of refinement={m}.")
+        times = jnp.asarray(self.times(num_steps), dtype=jnp.float32)
+        return _sample_coupled_batch(self, times, m, keys)
+
+
+def _split_path_key(key):
+    start_key, path_key = jr.split(key)
+    return start_key, path_key
+
+
+@eqx.filter_jit
+def _sample_batch(diffusion: ReverseDiffusion, times, keys):
+    def one(key):
+        start_key, path_key = _split_path_key(key)
+        x0 = diffusion.start(start_key)
+        return reverse_path(diffusion.sampler, diffusion.model, x0, times, path_key)
+
+    return jax.vmap(one)(keys)
+
+
+@eqx.filter_jit
+def _sample_coupled_batch(diffusion: ReverseDiffusion, times, refinement, keys):
+    def one(key):
+        start_key, path_key = _split_path_key(key)
+        x0 = diffusion.start(start_key)
+        return coupled_reverse_paths(
+            diffusion.sampler, diffusion.model, x0, times, refinement, path_key
+        )
+
+    return jax.vmap(one)(keys)
