@@ -2,8 +2,9 @@
 expectations to a requested accuracy by Multilevel Monte Carlo (Haji-Ali, Pereyra, Shaw and
 Zygalakis, arXiv 2409.15511)."""
 
-from ._diffusion import ReverseDiffusion
+from ._diffusion import DiffusionLevelSampler, ReverseDiffusion
 from ._gmm import GaussianMixturePrior, GaussianMixtureScoreModel
+from ._levels import LevelSampler
 from ._priors import AbstractDiffusionPrior, DiffusionPrior
 from ._schedules import AbstractSchedule, CosineVPSchedule, VESchedule, VPSchedule, time_grid
 from ._score_models import AbstractScoreModel, NetworkScoreModel
@@ -27,11 +28,13 @@ __all__ = [
     "Ancestral",
     "CosineVPSchedule",
     "DDIM",
+    "DiffusionLevelSampler",
     "DiffusionPrior",
     "EulerMaruyama",
     "GaussianMixturePrior",
     "GaussianMixtureScoreModel",
     "Heun",
+    "LevelSampler",
     "NetworkScoreModel",
     "ReverseDiffusion",
     "VESchedule",

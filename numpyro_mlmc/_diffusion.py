@@ -127,3 +127,40 @@ def _sample_coupled_batch(diffusion: ReverseDiffusion, times, refinement, keys):
         )
 
     return jax.vmap(one)(keys)
+
+
+class DiffusionLevelSampler:
+    """A `LevelSampler` (see `_levels.py`) over a `ReverseDiffusion`: level `l` runs
+    `refinement**l` reverse steps; a coupled draw is a (fine, coarse) pair sharing its noise.
+
+    Args:
+        diffusion: the problem's reverse diffusion (prior or guided posterior score).
+        refinement: `M >= 2`.
+        site: the name under which draws are returned (the model's latent site).
+    """
+
+    def __init__(self, diffusion: ReverseDiffusion, *, refinement: int = 2, site: str = "x"):
+        self.diffusion = diffusion
+        self.refinement = check_refinement(refinement)
+        self.site = site
+        self.event_shapes = {site: diffusion.event_shape}
+
+    def num_steps(self, level: int) -> int:
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
+            raise ValueError(f"level must be an int >= 0, got {level!r}.")
+        return self.refinement ** int(level)
+
+    def cost(self, level: int, coupled: bool) -> int:
+        fine = self.diffusion.nfe(self.num_steps(level))
+        if not coupled:
+            return fine
+        return fine + self.diffusion.nfe(self.num_steps(level - 1))
+
+    def sample(self, keys, level: int, coupled: bool):
+        n = self.num_steps(level)
+        if coupled:
+            if level < 1:
+                raise ValueError("a coupled draw needs level >= 1 (level 0 has no coarser level).")
+            fine, coarse = self.diffusion.sample_coupled(keys, n, self.refinement)
+            return {self.site: fine}, {self.site: coarse}
+        return {self.site: self.diffusion.sample(keys, n)}, None

@@ -116,7 +116,9 @@ class GaussianMixturePrior(AbstractDiffusionPrior):
         weights = _as_float64("weights", weights, 1)
         means_in = np.asarray(means, dtype=np.float64)
         if means_in.ndim < 2:
-            raise ValueError(f"means must have shape (K, D) or (K, *event_shape), got {means_in.shape}.")
+            raise ValueError(
+                f"means must have shape (K, D) or (K, *event_shape), got {means_in.shape}."
+            )
         k = weights.shape[0]
         if means_in.shape[0] != k:
             raise ValueError(
@@ -129,7 +131,9 @@ class GaussianMixturePrior(AbstractDiffusionPrior):
         d = math.prod(event_shape)
         means = _as_float64("means", means_in.reshape(k, -1), 2)
         if means.shape[1] != d:
-            raise ValueError(f"means have {means.shape[1]} elements, event_shape {event_shape} has {d}.")
+            raise ValueError(
+                f"means have {means.shape[1]} elements; event_shape {event_shape} has {d}."
+            )
         covariances = _as_float64("covariances", covariances, 3)
         if covariances.shape != (k, d, d):
             raise ValueError(
@@ -273,11 +277,9 @@ class GaussianMixturePrior(AbstractDiffusionPrior):
             cov = sig - gain @ a @ sig
             covs.append(0.5 * (cov + cov.T))
             white = np.linalg.solve(chol, resid)
-            log_w.append(
-                math.log(self.weights[k]) if self.weights[k] > 0 else -np.inf
-            )
-            log_w[-1] += -0.5 * white @ white - np.log(np.diag(chol)).sum() - 0.5 * m * math.log(
-                2 * math.pi
+            log_w.append(math.log(self.weights[k]) if self.weights[k] > 0 else -np.inf)
+            log_w[-1] += (
+                -0.5 * white @ white - np.log(np.diag(chol)).sum() - 0.5 * m * math.log(2 * math.pi)
             )
         log_w = np.asarray(log_w)
         weights = np.exp(log_w - log_w.max())
@@ -328,9 +330,7 @@ class GaussianMixturePrior(AbstractDiffusionPrior):
         if not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be a positive int, got {num_components!r}.")
         if flat.shape[0] < num_components:
-            raise ValueError(
-                f"{flat.shape[0]} data points cannot fit {num_components} components."
-            )
+            raise ValueError(f"{flat.shape[0]} data points cannot fit {num_components} components.")
         gm = GaussianMixture(
             num_components, covariance_type="full", reg_covar=regularization, random_state=seed
         ).fit(flat)

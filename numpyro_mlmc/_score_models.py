@@ -18,7 +18,6 @@ Networks declare one of four parametrisations:
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable
 
 import equinox as eqx

@@ -297,7 +297,5 @@ def coupled_reverse_paths(
         x_coarse = sampler.step(model, x_coarse, taus[0], taus[m], z_coarse)
         return (x_fine, x_coarse), None
 
-    (x_fine, x_coarse), _ = jax.lax.scan(
-        coarse_body, (x_start, x_start), jnp.arange(num_coarse)
-    )
+    (x_fine, x_coarse), _ = jax.lax.scan(coarse_body, (x_start, x_start), jnp.arange(num_coarse))
     return x_fine, x_coarse
