@@ -2,8 +2,10 @@
 expectations to a requested accuracy by Multilevel Monte Carlo (Haji-Ali, Pereyra, Shaw and
 Zygalakis, arXiv 2409.15511)."""
 
+from . import operators
 from ._diffusion import DiffusionLevelSampler, ReverseDiffusion
 from ._gmm import GaussianMixturePrior, GaussianMixtureScoreModel
+from ._kernel import DiffusionPosterior, DiffusionPosteriorState, sample_posterior
 from ._levels import LevelSampler
 from ._priors import AbstractDiffusionPrior, DiffusionPrior
 from ._schedules import AbstractSchedule, CosineVPSchedule, VESchedule, VPSchedule, time_grid
@@ -29,6 +31,8 @@ __all__ = [
     "CosineVPSchedule",
     "DDIM",
     "DiffusionLevelSampler",
+    "DiffusionPosterior",
+    "DiffusionPosteriorState",
     "DiffusionPrior",
     "EulerMaruyama",
     "GaussianMixturePrior",
@@ -40,6 +44,8 @@ __all__ = [
     "VESchedule",
     "VPSchedule",
     "coupled_reverse_paths",
+    "operators",
+    "sample_posterior",
     "reverse_path",
     "time_grid",
 ]
