@@ -203,6 +203,42 @@ class DiffusionPrior(AbstractDiffusionPrior):
     def score_model(self) -> NetworkScoreModel:
         return NetworkScoreModel(self.denoiser, self.schedule, self.parametrization)
 
+    @classmethod
+    def from_diffusers(
+        cls, path, *, scheduler_config=None, event_shape=None, dtype=jnp.float32, **kwargs
+    ) -> DiffusionPrior:
+        """A prior from a local Hugging Face diffusers `UNet2DModel` checkpoint directory.
+
+        Reads `config.json`, `diffusion_pytorch_model.safetensors` and the DDPM/DDIM
+        `scheduler_config.json` (in `scheduler/` or beside the weights; a pipeline directory
+        with `unet/` and `scheduler/` works too) with no PyTorch. The event shape is
+        `(C, H, W)` from the config's `sample_size`, the schedule a `DiscreteVPSchedule` (timestep
+        `k` at `t = (k + 1) / N`), the parametrization from `prediction_type` (`epsilon` ->
+        `"eps"`, `sample` -> `"x0"`, `v_prediction` -> `"v"`). Samples live on the model's data
+        scale, usually `[-1, 1]`.
+
+        Args:
+            path: the checkpoint directory.
+            scheduler_config: override: a dict, a `scheduler_config.json` file or its directory.
+            event_shape: override `(C, H, W)` (H, W multiples of `2**(levels - 1)`).
+            dtype: weight dtype in JAX (default float32).
+            **kwargs: further `DiffusionPrior` arguments (`num_steps`, `sampler`, ...).
+
+        Raises `FileNotFoundError` for missing files and `ValueError` naming unsupported block
+        types or options and weights that do not match the config. See
+        `docs/how-to/diffusers.md`.
+        """
+        from ._diffusers import prior_from_diffusers
+
+        return prior_from_diffusers(
+            cls,
+            path,
+            scheduler_config=scheduler_config,
+            event_shape=event_shape,
+            dtype=dtype,
+            **kwargs,
+        )
+
     def __repr__(self):
         name = getattr(self, "name", None) or type(self.denoiser).__name__
         return (
