@@ -3,6 +3,13 @@ expectations to a requested accuracy by Multilevel Monte Carlo (Haji-Ali, Pereyr
 Zygalakis, arXiv 2409.15511)."""
 
 from . import operators
+from ._diffusers import (
+    DiffusersDenoiser,
+    DiffusersUNet2D,
+    DiscreteVPSchedule,
+    load_diffusers_unet,
+    schedule_from_diffusers,
+)
 from ._diffusion import DiffusionLevelSampler, ReverseDiffusion
 from ._gmm import GaussianMixturePrior, GaussianMixtureScoreModel
 from ._kernel import DiffusionPosterior, DiffusionPosteriorState, sample_posterior
@@ -30,6 +37,9 @@ __all__ = [
     "Ancestral",
     "CosineVPSchedule",
     "DDIM",
+    "DiffusersDenoiser",
+    "DiffusersUNet2D",
+    "DiscreteVPSchedule",
     "DiffusionLevelSampler",
     "DiffusionPosterior",
     "DiffusionPosteriorState",
@@ -44,8 +54,10 @@ __all__ = [
     "VESchedule",
     "VPSchedule",
     "coupled_reverse_paths",
+    "load_diffusers_unet",
     "operators",
     "sample_posterior",
     "reverse_path",
+    "schedule_from_diffusers",
     "time_grid",
 ]
