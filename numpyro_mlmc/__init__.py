@@ -2,7 +2,8 @@
 expectations to a requested accuracy by Multilevel Monte Carlo (Haji-Ali, Pereyra, Shaw and
 Zygalakis, arXiv 2409.15511)."""
 
-from . import operators
+from . import operators, testing
+from ._diagnostics import MLMCTestResult, mlmc_test
 from ._diffusers import (
     DiffusersDenoiser,
     DiffusersUNet2D,
@@ -14,7 +15,9 @@ from ._diffusion import DiffusionLevelSampler, ReverseDiffusion
 from ._gmm import GaussianMixturePrior, GaussianMixtureScoreModel
 from ._kernel import DiffusionPosterior, DiffusionPosteriorState, sample_posterior
 from ._levels import LevelSampler
+from ._mlmc import MLMC, MonteCarlo
 from ._priors import AbstractDiffusionPrior, DiffusionPrior
+from ._result import MLMCResult
 from ._schedules import AbstractSchedule, CosineVPSchedule, VESchedule, VPSchedule, time_grid
 from ._score_models import AbstractScoreModel, NetworkScoreModel
 from ._solvers import (
@@ -30,6 +33,12 @@ from ._solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLMC",
+    "MLMCResult",
+    "MLMCTestResult",
+    "MonteCarlo",
+    "mlmc_test",
+    "testing",
     "AbstractDiffusionPrior",
     "AbstractReverseSampler",
     "AbstractSchedule",
