@@ -163,10 +163,11 @@ def _rates(levels, q: QuantityLevels, refinement, alpha_prev, beta_prev):
     k_alpha = k_beta = None
     if levels.size >= 3:
         corr = slice(1, None)
-        k_alpha = 1 + decay_start(m[corr], q.noise[corr])
+        # decay is judged on the raw estimates: the floors would hide a rise
+        k_alpha = 1 + decay_start(q.magnitudes[corr], q.noise[corr])
         if levels.size - k_alpha >= 2:
             alpha = max(MIN_RATE, fit_rate(levels[k_alpha:], m[k_alpha:], refinement))
-        k_beta = 1 + decay_start(v[corr])
+        k_beta = 1 + decay_start(q.variances[corr])
         if levels.size - k_beta >= 2:
             beta = max(MIN_RATE, fit_rate(levels[k_beta:], v[k_beta:], refinement))
     return m, v, alpha, beta, k_alpha
