@@ -19,7 +19,7 @@ import equinox as eqx
 import jax.numpy as jnp
 
 from ._scheduler import DiscreteVPSchedule, schedule_from_diffusers
-from ._unet import DiffusersUNet2D
+from ._unet import DiffusersUNet2D, check_unet_config
 
 __all__ = ["DiffusersDenoiser", "load_diffusers_unet", "prior_from_diffusers"]
 
@@ -111,6 +111,7 @@ def load_diffusers_unet(path, *, dtype=jnp.float32) -> DiffusersUNet2D:
     """
     model_dir = _model_dir(Path(os.fspath(path)))
     config = _read_json(model_dir / CONFIG_NAME)
+    check_unet_config(config)  # before reading (possibly large) weights
     return DiffusersUNet2D.from_state_dict(config, _read_weights(model_dir), dtype=dtype)
 
 

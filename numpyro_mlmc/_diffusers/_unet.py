@@ -152,7 +152,7 @@ class _Linear(eqx.Module):
 
     def __call__(self, x):
         y = x @ self.weight.T
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + jnp.expand_dims(self.bias, range(y.ndim - 1))
 
 
 class _Conv2d(eqx.Module):
