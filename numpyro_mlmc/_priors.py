@@ -201,7 +201,9 @@ class DiffusionPrior(AbstractDiffusionPrior):
             )
 
     def score_model(self) -> NetworkScoreModel:
-        return NetworkScoreModel(self.denoiser, self.schedule, self.parametrization)
+        return NetworkScoreModel(
+            denoiser=self.denoiser, schedule=self.schedule, parametrization=self.parametrization
+        )
 
     @classmethod
     def from_diffusers(
