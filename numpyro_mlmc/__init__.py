@@ -2,7 +2,7 @@
 expectations to a requested accuracy by Multilevel Monte Carlo (Haji-Ali, Pereyra, Shaw and
 Zygalakis, arXiv 2409.15511)."""
 
-from . import operators, testing
+from . import nets, operators, testing
 from ._diagnostics import MLMCTestResult, mlmc_test
 from ._diffusers import (
     DiffusersDenoiser,
@@ -16,6 +16,7 @@ from ._gmm import GaussianMixturePrior, GaussianMixtureScoreModel
 from ._kernel import DiffusionPosterior, DiffusionPosteriorState, sample_posterior
 from ._levels import LevelSampler
 from ._mlmc import MLMC, MonteCarlo
+from ._pretrained import list_pretrained
 from ._priors import AbstractDiffusionPrior, DiffusionPrior
 from ._result import MLMCResult
 from ._schedules import AbstractSchedule, CosineVPSchedule, VESchedule, VPSchedule, time_grid
@@ -33,6 +34,8 @@ from ._solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "list_pretrained",
+    "nets",
     "MLMC",
     "MLMCResult",
     "MLMCTestResult",

@@ -15,6 +15,10 @@ _COMMANDS = {
         "numpyro_mlmc._demo",
         "Run the main job: an inpainting posterior, MLMC against plain MC.",
     ),
+    "train": (
+        "numpyro_mlmc._train_cli",
+        "Train a diffusion prior (digits or patches16) by denoising score matching.",
+    ),
 }
 
 

@@ -206,6 +206,23 @@ class DiffusionPrior(AbstractDiffusionPrior):
         )
 
     @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs):
+        """A shipped prior by name (`nm.list_pretrained()`: `"digits"`, `"patches16"`, and the
+        Gaussian-mixture references `"digits-gmm"`, `"patches16-gmm"`) or a checkpoint
+        directory (`config.json` + `weights.safetensors`, e.g. from `numpyro-mlmc train`).
+
+        Returns a `DiffusionPrior`, or a `GaussianMixturePrior` for mixture checkpoints.
+        Keyword arguments (`num_steps`, `sampler`, `spacing`, `batch_size`) go to the
+        constructor. Nothing is downloaded and nothing is unpickled; the weights' sha256 is
+        checked. Raises `FileNotFoundError` for unknown names and `CheckpointError` (a
+        `ValueError`) listing what is wrong with a corrupt or mismatched checkpoint.
+        See `docs/model_cards/`.
+        """
+        from ._pretrained import load_pretrained
+
+        return load_pretrained(name_or_path, **kwargs)
+
+    @classmethod
     def from_diffusers(
         cls, path, *, scheduler_config=None, event_shape=None, dtype=jnp.float32, **kwargs
     ) -> DiffusionPrior:
