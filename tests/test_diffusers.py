@@ -98,10 +98,15 @@ CONFIGS = {
 
 
 @eqx.filter_jit
-def _apply(network, x, t):
-    """`network(x, t)` over a batch `x`, jitted with the network's weights as arguments (one
-    compilation per architecture, shared by the tests)."""
+def _jitted_apply(network, x, t):
     return jax.vmap(network, in_axes=(0, None))(x, t)
+
+
+def _apply(network, x, t):
+    """`network(x, t)` over a batch `x`, jitted with the network's weights and `t` as traced
+    arguments: one compilation per architecture, shared by the tests (a Python float `t` would
+    be static under `filter_jit` and recompile per value)."""
+    return _jitted_apply(network, jnp.asarray(x), jnp.asarray(t, jnp.float32))
 
 
 def _unet(seed=0, **overrides):
