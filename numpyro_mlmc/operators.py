@@ -162,6 +162,7 @@ class Blur(AbstractOperator):
         transfer = self._transfer(h, w, x.dtype)
         if adjoint:
             transfer = jnp.conj(transfer)
+        transfer = transfer.reshape((1,) * (x.ndim - 2) + transfer.shape)
         return jnp.fft.irfft2(jnp.fft.rfft2(x) * transfer, s=(h, w)).astype(x.dtype)
 
     def __call__(self, x):
