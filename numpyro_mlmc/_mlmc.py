@@ -25,7 +25,14 @@ import jax.random as jr
 import numpy as np
 
 from ._accumulators import LevelAccumulator
-from ._allocation import QuantityLevels, coarse_level_pays, corrected_norm, plan
+from ._allocation import (
+    Allocation,
+    QuantityLevels,
+    coarse_level_pays,
+    corrected_norm,
+    optimal_samples,
+    plan,
+)
 from ._levels import as_level_sampler
 from ._result import LevelStatistics, MLMCResult
 
@@ -299,9 +306,9 @@ class _Engine:
         target = self.count(level) + count
         while self.count(level) < target:
             remaining = target - self.count(level)
-            shape = next(
-                (s for s in reversed(self.batch_shapes) if s >= remaining), self.batch_shapes[0]
-            )
+            # the largest compiled shape that fits; only a last remainder below the smallest
+            # shape is padded, so padding wastes fewer than batch_size / 16 draws per top-up
+            shape = next((s for s in self.batch_shapes if s <= remaining), self.batch_shapes[-1])
             take = min(shape, remaining)
             start = self.next_index[level]
             indices = jnp.arange(start, start + shape, dtype=jnp.uint32)
@@ -511,7 +518,8 @@ def _finalise(
     if allocation is not None:
         alpha, beta, bias = allocation.alpha, allocation.beta, allocation.bias
         governing = allocation.governing
-        bias_ok = allocation.bias_ok
+        # with a fixed allocation there is no target, so no bias test
+        bias_ok = allocation.bias_ok if rmse is not None else dict.fromkeys(bias)
     else:
         nan = {name: float("nan") for name in engine.quantities}
         alpha, beta, bias, bias_ok = nan, dict(nan), dict(nan), dict.fromkeys(nan, False)
@@ -611,8 +619,9 @@ class MLMC:
         max_level: the finest level allowed; if the bias test still fails there the result says
             so (`result.converged`) and a warning is raised.
         theta: share of `rmse^2` given to the variance (`theta eps^2`); the bias gets the rest.
-        batch_size: draws per device call; remainders use shapes `batch_size / 4` and
-            `batch_size / 16` so small top-ups waste little. Results do not depend on it.
+        batch_size: draws per device call; remainders are drawn in batches of
+            `batch_size / 4` and `batch_size / 16`, so padding wastes fewer than
+            `batch_size / 16` draws per top-up and only three shapes compile per level.
         pilot_samples: draws per level in the pilot and the least number on any level.
         min_num_levels: levels `l0 .. l0 + min_num_levels - 1` are sampled from the start
             (Giles' `Lmin + 1`, default 3).
@@ -621,6 +630,10 @@ class MLMC:
         max_stored_draws: finest-level fine draws kept for `to_inference_data` (default 1000).
         on_nonfinite: `"raise"` (default) stops with an error naming the level and the count
             of NaN/inf draws; `"discard"` drops them, reports the count and warns.
+
+    The estimate does not depend on `batch_size` (up to float32 rounding) as long as the key's
+    draws do not depend on how keys are batched under `vmap`: true of JAX's default threefry
+    keys, not of `"rbg"` keys.
     """
 
     def __init__(
@@ -836,8 +849,6 @@ class MLMC:
                         need = 0
                         for q, v in allocation.variances.items():
                             vv = np.append(v, v_new[q])
-                            from ._allocation import optimal_samples
-
                             need = max(
                                 need, int(optimal_samples(vv, costs, self.theta * eps**2)[-1])
                             )
@@ -893,8 +904,6 @@ class MLMC:
 
 
 def _single_level_allocation(stats, costs, eps, theta):
-    from ._allocation import Allocation, optimal_samples
-
     samples = np.zeros(1, np.int64)
     nan = {q: float("nan") for q in stats}
     for q in stats.values():

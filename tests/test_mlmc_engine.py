@@ -93,7 +93,7 @@ def test_batch_size_does_not_change_the_estimate():
     # Needs the default threefry keys: "rbg" bits differ under vmap, so with rbg keys a draw
     # depends on its batch. A fixed allocation keeps the compilations few; the adaptive
     # driver takes its decisions from the same accumulated sums either way.
-    counts = [700, 300, 100]
+    counts = [700, 300]
     a = nm.MLMC(GBM, batch_size=64, min_level=0).run(
         jr.key(3), num_samples=counts, progress_bar=False
     )
