@@ -24,6 +24,7 @@ from ._diffusion import DiffusionLevelSampler, ReverseDiffusion, check_num_steps
 from ._gmm import GaussianMixturePrior
 from ._guidance import GUIDANCES, DPSScoreModel, PiGDMScoreModel
 from ._model_structure import ModelError, ModelStructure, inspect_model
+from ._sharding import BatchRunner
 from ._solvers import get_sampler
 
 __all__ = ["DiffusionPosterior", "DiffusionPosteriorState", "sample_posterior"]
@@ -283,6 +284,7 @@ def sample_posterior(
     num_chains: int = 1,
     return_inference_data: bool = False,
     progress_bar: bool = False,
+    devices=None,
     **model_kwargs: Any,
 ):
     """`num_samples` independent posterior draws, computed `batch_size` paths at a time.
@@ -298,6 +300,8 @@ def sample_posterior(
         model_args: positional arguments of the model.
         num_chains: only shapes the InferenceData: draws are split into `(chain, draw)`.
         return_inference_data: also return `arviz.InferenceData` (posterior group).
+        devices: `None` (default) shards each batch over every local device; an int `n` for
+            the first `n`, or a list of devices (see `nm.MLMC`).
         **model_kwargs: keyword arguments of the model (e.g. `y=y_obs`).
 
     Returns `{site: array (num_samples, *event_shape)}` plus deterministic sites, or
@@ -324,7 +328,8 @@ def sample_posterior(
     diffusion = kernel.build(model_args, model_kwargs)
     site = kernel.structure.site
     keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(num_samples))
-    size = min(batch_size, num_samples)
+    runner = BatchRunner(devices)  # each batch sharded over the local devices
+    size = -(-min(batch_size, num_samples) // runner.num_devices) * runner.num_devices
     chunks = []
     starts = range(0, num_samples, size)
     if progress_bar:
@@ -336,7 +341,7 @@ def sample_posterior(
         n = chunk.shape[0]
         if n < size:
             chunk = jnp.concatenate([chunk, jnp.repeat(chunk[-1:], size - n, axis=0)])
-        chunks.append(np.asarray(diffusion.sample(chunk, kernel.num_steps))[:n])
+        chunks.append(np.asarray(diffusion.sample(runner.put(chunk), kernel.num_steps))[:n])
     draws = np.concatenate(chunks)
     post = kernel.postprocess_fn(model_args, model_kwargs)
     samples = {k: np.asarray(v) for k, v in jax.vmap(post)({site: jnp.asarray(draws)}).items()}

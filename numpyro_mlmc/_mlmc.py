@@ -35,6 +35,7 @@ from ._allocation import (
 )
 from ._levels import as_level_sampler
 from ._result import LevelStatistics, MLMCResult
+from ._sharding import BatchRunner, resolve_devices
 
 __all__ = ["MLMC", "MonteCarlo"]
 
@@ -216,8 +217,10 @@ class _Engine:
         on_nonfinite,
         progress_bar,
         description,
+        devices=None,
     ):
         self.sampler = sampler
+        self.runner = BatchRunner(devices)  # devices and processes sharing each batch
         self.key = key
         self.user_functionals = functionals
         self.batch_size = batch_size
@@ -311,8 +314,9 @@ class _Engine:
             shape = next((s for s in self.batch_shapes if s <= remaining), self.batch_shapes[-1])
             take = min(shape, remaining)
             start = self.next_index[level]
-            indices = jnp.arange(start, start + shape, dtype=jnp.uint32)
-            keys = _draw_keys(level_key, indices)
+            # this process's share of keys start .. start + padded shape - 1, sharded over its
+            # devices (`_sharding.py`); the padding rows are dropped below
+            keys = self.runner.keys(level_key, start, self.runner.padded(shape))
             fine, coarse = self.sampler.sample(keys, level, coupled)
             if not isinstance(fine, dict) or (coupled and not isinstance(coarse, dict)):
                 raise TypeError(
@@ -326,7 +330,9 @@ class _Engine:
                 for lev, role in self._roles.items():
                     if self.accumulators[lev] is None:
                         self.accumulators[lev] = self._make_acc(role)
-            values_f, values_c, finite = self.evaluate(fine, coarse if coupled else None)
+            values_f, values_c, finite = self.runner.gather(
+                self.evaluate(fine, coarse if coupled else None)
+            )
             finite = np.asarray(finite)[:take]
             values_f = {k: np.asarray(v, np.float64)[:take] for k, v in values_f.items()}
             if coupled:
@@ -364,7 +370,7 @@ class _Engine:
         rows = np.nonzero(finite)[0][:room]
         if rows.size == 0:
             return
-        for site, value in fine.items():
+        for site, value in self.runner.gather(fine).items():
             store.setdefault(site, []).append(np.asarray(value)[:take][rows])
         store["__first__"].append(rows)
 
@@ -630,6 +636,12 @@ class MLMC:
         max_stored_draws: finest-level fine draws kept for `to_inference_data` (default 1000).
         on_nonfinite: `"raise"` (default) stops with an error naming the level and the count
             of NaN/inf draws; `"discard"` drops them, reports the count and warns.
+        devices: `None` (default) shards every batch over all local devices
+            (`jax.local_devices()`) along a 1-D mesh; an int `n` uses the first `n`, or pass a
+            list of devices. Results do not depend on it (bit for bit when a path's arithmetic
+            does not depend on the number of rows computed together, else to float32 rounding,
+            as for `batch_size`). Under `jax.distributed.initialize` each process also draws
+            its share of every batch (`numpyro_mlmc._sharding`).
 
     The estimate does not depend on `batch_size` (up to float32 rounding) as long as the key's
     draws do not depend on how keys are batched under `vmap`: true of JAX's default threefry
@@ -650,6 +662,7 @@ class MLMC:
         decay_levels: int = 3,
         max_stored_draws: int = 1000,
         on_nonfinite: str = "raise",
+        devices=None,
     ):
         self.sampler = sampler
         self.refinement = _check_int("refinement", refinement, 2)
@@ -670,6 +683,7 @@ class MLMC:
         if on_nonfinite not in ("raise", "discard"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'discard', got {on_nonfinite!r}.")
         self.on_nonfinite = on_nonfinite
+        self.devices = None if devices is None else resolve_devices(devices)
 
     def run(
         self,
@@ -720,6 +734,7 @@ class MLMC:
             max_stored_draws=self.max_stored_draws,
             on_nonfinite=self.on_nonfinite,
             progress_bar=progress_bar,
+            devices=self.devices,
             description="MLMC",
         )
         start = time.perf_counter()
@@ -933,7 +948,7 @@ class MonteCarlo:
         theta: the variance budget is `theta rmse^2` as in MLMC (default 0.5), so both spend the
             same on statistical error; plain MC has no estimate of its discretisation bias
             (`bias_estimate` is nan), so choose `num_steps` large enough.
-        batch_size, pilot_samples, max_stored_draws, on_nonfinite: as for `MLMC`.
+        batch_size, pilot_samples, max_stored_draws, on_nonfinite, devices: as for `MLMC`.
     """
 
     def __init__(
@@ -948,6 +963,7 @@ class MonteCarlo:
         pilot_samples: int = 128,
         max_stored_draws: int = 1000,
         on_nonfinite: str = "raise",
+        devices=None,
     ):
         if (num_steps is None) == (level is None):
             raise ValueError("pass exactly one of num_steps=... and level=....")
@@ -976,6 +992,7 @@ class MonteCarlo:
         if on_nonfinite not in ("raise", "discard"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'discard', got {on_nonfinite!r}.")
         self.on_nonfinite = on_nonfinite
+        self.devices = None if devices is None else resolve_devices(devices)
 
     def run(
         self,
@@ -1010,6 +1027,7 @@ class MonteCarlo:
             max_stored_draws=self.max_stored_draws,
             on_nonfinite=self.on_nonfinite,
             progress_bar=progress_bar,
+            devices=self.devices,
             description="MC",
         )
         lev = self.level
