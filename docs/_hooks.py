@@ -1,0 +1,83 @@
+"""MkDocs hooks: show benchmark figures and model cards that exist, and say plainly which do not.
+
+Benchmark figures are written by the scripts in `benchmarks/` into `benchmarks/results/`,
+outside `docs/`. `on_files` adds every PNG there to the site under the same path, so pages can
+link `benchmarks/results/NAME.png`. Pages use three directives (HTML comments, so the Markdown
+reads cleanly without the hook):
+
+* `<!-- figure: PATH | CAPTION | COMMAND -->`: the figure with its caption and the command that
+  produced it if `PATH` (relative to the repository root) exists, else a note that it has not
+  been measured yet, with the command that would produce it.
+* `<!-- other-figures: DIR -->`: every PNG in `DIR` that no `figure` directive on the page
+  named, or nothing.
+* `<!-- model-cards -->`: a list of the pages in `docs/model_cards/`, or a note that none
+  exist yet.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURE_DIRS = ("benchmarks/results",)
+_FIGURE = re.compile(r"<!--\s*figure:\s*(.+?)\s*\|\s*(.+?)\s*\|\s*(.+?)\s*-->")
+_OTHER = re.compile(r"<!--\s*other-figures:\s*(\S+)\s*-->")
+_CARDS = re.compile(r"<!--\s*model-cards\s*-->")
+
+
+def on_files(files, config):
+    for folder in FIGURE_DIRS:
+        for path in sorted((ROOT / folder).glob("*.png")):
+            rel = path.relative_to(ROOT).as_posix()
+            if files.get_file_from_path(rel) is None:
+                files.append(File(rel, str(ROOT), config["site_dir"], config["use_directory_urls"]))
+    return files
+
+
+def _link(page, target: str) -> str:
+    return posixpath.relpath(target, posixpath.dirname(page.file.src_uri) or ".")
+
+
+def on_page_markdown(markdown, page, config, files):
+    named = set()
+
+    def figure(match):
+        path, caption, command = match.groups()
+        named.add(path)
+        if (ROOT / path).is_file():
+            return (
+                f"![{caption}]({_link(page, path)})\n\n"
+                f"*{caption}.* Produced by `{command}` (`{path}`)."
+            )
+        return (
+            f'!!! note "Not yet measured: {caption}"\n'
+            f"    `{path}` is not in this build. It is written by `{command}`; this page "
+            "shows it once the run's output is committed.\n"
+        )
+
+    def other(match):
+        folder = match.group(1)
+        extra = [
+            p.relative_to(ROOT).as_posix()
+            for p in sorted((ROOT / folder).glob("*.png"))
+            if p.relative_to(ROOT).as_posix() not in named
+        ]
+        return "\n\n".join(f"![{Path(p).stem}]({_link(page, p)})\n\n`{p}`" for p in extra)
+
+    def cards(_):
+        pages = sorted((ROOT / "docs" / "model_cards").glob("*.md"))
+        if not pages:
+            return (
+                '!!! note "No model cards in this build"\n'
+                "    The model cards of the shipped priors live in `docs/model_cards/`; none "
+                "are there yet.\n"
+            )
+        return "\n".join(f"- [{p.stem}]({_link(page, 'model_cards/' + p.name)})" for p in pages)
+
+    markdown = _FIGURE.sub(figure, markdown)
+    markdown = _OTHER.sub(other, markdown)
+    return _CARDS.sub(cards, markdown)
