@@ -19,6 +19,7 @@ from ._mlmc import MLMC, MonteCarlo
 from ._pretrained import list_pretrained
 from ._priors import AbstractDiffusionPrior, DiffusionPrior
 from ._result import MLMCResult
+from ._run_checkpoint import RunCheckpointError
 from ._schedules import AbstractSchedule, CosineVPSchedule, VESchedule, VPSchedule, time_grid
 from ._score_models import AbstractScoreModel, NetworkScoreModel
 from ._solvers import (
@@ -40,6 +41,7 @@ __all__ = [
     "MLMCResult",
     "MLMCTestResult",
     "MonteCarlo",
+    "RunCheckpointError",
     "mlmc_test",
     "testing",
     "AbstractDiffusionPrior",

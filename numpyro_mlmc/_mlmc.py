@@ -350,15 +350,28 @@ class _Engine:
                     )
                 self.discarded[level] += bad
                 self.wasted_cost += bad * self.cost(level, coupled)
+                kept = self.count(level) + int(finite.sum())
+                if self.discarded[level] > max(kept, 64):  # also ends an all-NaN level
+                    raise FloatingPointError(
+                        f"level {level}: {self.discarded[level]} of "
+                        f"{self.discarded[level] + kept} draws so far are non-finite (NaN or "
+                        "inf), more than half; discarding them would leave an estimate "
+                        "dominated by that bias. Fix the score model or the step sizes at this "
+                        "level (more steps, a later end time)."
+                    )
                 values_f = {k: v[finite] for k, v in values_f.items()}
                 if coupled:
                     values_c = {k: v[finite] for k, v in values_c.items()}
             self.accumulators[level].update(values_f, values_c if coupled else None)
             self._store(level, fine, take, finite)
+            self.after_batch(level)
             if self.bar is not None:
                 self.bar.update(int(finite.sum()))
         if show is not None and self.bar is not None:
             self.bar.set_postfix_str(show, refresh=False)
+
+    def after_batch(self, level):
+        """Hook after each merged batch (`_run_checkpoint.ResumableEngine` saves here)."""
 
     def _store(self, level, fine, take, finite):
         room = self.max_stored_draws - sum(
@@ -461,6 +474,23 @@ class _Engine:
         z = np.abs(diff[ok]) / np.sqrt(se2[ok])
         crit = norm.isf(CONSISTENCY_FALSE_ALARM / (2 * z.size))
         return float(z.max() / crit)
+
+
+def _engine_class(checkpoint, **identity):
+    """`_Engine`, or with a `checkpoint` path the engine that saves after every batch and
+    resumes from an existing file (`_run_checkpoint.py`)."""
+    if checkpoint is None:
+        return _Engine
+    from ._run_checkpoint import ResumableEngine, fingerprint
+
+    return functools.partial(
+        ResumableEngine, checkpoint=checkpoint, identity=fingerprint(**identity)
+    )
+
+
+def _identity_config(obj):
+    """The settings of an `MLMC` / `MonteCarlo` that a resumed run must share."""
+    return {k: v for k, v in vars(obj).items() if k not in ("sampler", "devices")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,6 +723,7 @@ class MLMC:
         functionals=None,
         num_samples=None,
         progress_bar: bool = True,
+        checkpoint=None,
         **model_kwargs,
     ) -> MLMCResult:
         """Estimate the expectations to root-mean-square error `rmse`.
@@ -708,6 +739,11 @@ class MLMC:
             num_samples: one count per level from `min_level` (0 if None): a fixed allocation
                 instead of `rmse`.
             progress_bar: show a tqdm bar (levels, draws done/needed, current RMSE estimate).
+            checkpoint: a file path: the run's state is saved there atomically after every
+                batch, and a run started with the same arguments and an existing checkpoint
+                resumes from it, with estimates equal to an uninterrupted run's
+                (`numpyro_mlmc._run_checkpoint`). A checkpoint of another run raises
+                `nm.RunCheckpointError`. The file is kept at the end; delete it yourself.
         """
         key = _check_key(key)
         if (rmse is None) == (num_samples is None):
@@ -726,7 +762,16 @@ class MLMC:
         sampler = as_level_sampler(
             self.sampler, model_args, model_kwargs, refinement=self.refinement
         )
-        engine = _Engine(
+        engine = _engine_class(
+            checkpoint,
+            method="MLMC",
+            key=key,
+            config={**_identity_config(self), "rmse": eps, "num_samples": fixed},
+            sampler=sampler,
+            functionals=functionals,
+            model_args=model_args,
+            model_kwargs=model_kwargs,
+        )(
             sampler,
             key,
             functionals,
@@ -1002,9 +1047,11 @@ class MonteCarlo:
         functionals=None,
         num_samples=None,
         progress_bar: bool = True,
+        checkpoint=None,
         **model_kwargs,
     ) -> MLMCResult:
-        """Same signature as `MLMC.run`; `num_samples` is one count (an int or `[n]`)."""
+        """Same signature as `MLMC.run` (`checkpoint` included); `num_samples` is one count (an
+        int or `[n]`)."""
         key = _check_key(key)
         if (rmse is None) == (num_samples is None):
             raise ValueError("pass exactly one of rmse=... and num_samples=....")
@@ -1019,7 +1066,16 @@ class MonteCarlo:
         sampler = as_level_sampler(
             self.sampler, model_args, model_kwargs, refinement=self.refinement
         )
-        engine = _Engine(
+        engine = _engine_class(
+            checkpoint,
+            method="MonteCarlo",
+            key=key,
+            config={**_identity_config(self), "rmse": eps, "num_samples": num_samples},
+            sampler=sampler,
+            functionals=functionals,
+            model_args=model_args,
+            model_kwargs=model_kwargs,
+        )(
             sampler,
             key,
             functionals,
