@@ -18,7 +18,10 @@ from ._schedules import time_grid
 from ._score_models import AbstractScoreModel
 from ._solvers import AbstractReverseSampler, coupled_reverse_paths, reverse_path
 
-__all__ = ["ReverseDiffusion", "check_num_steps", "check_refinement"]
+__all__ = ["ReverseDiffusion", "DiffusionLevelSampler", "check_num_steps", "check_refinement"]
+
+# Reverse grids up to this many steps share one compiled function (per batch shape).
+_GRID_BUCKET = 4096
 
 
 def check_num_steps(num_steps, name: str = "num_steps") -> int:
@@ -79,27 +82,37 @@ class ReverseDiffusion(eqx.Module):
 
     def nfe(self, num_steps: int) -> int:
         """Network evaluations of one path with `num_steps` steps."""
-        final_sigma = float(self.model.schedule.sigma(self.t_end))
+        with jax.ensure_compile_time_eval():
+            final_sigma = float(self.model.schedule.sigma(self.t_end))
         return self.sampler.num_function_evaluations(check_num_steps(num_steps), final_sigma)
 
     def start(self, key, dtype=jnp.float32):
         z = jr.normal(key, self.event_shape, dtype)
         return jnp.asarray(self.x_start_mean, dtype) + self.x_start_std * z
 
+    def _padded_times(self, num_steps: int):
+        # Grids are padded to a bucket of `_GRID_BUCKET` steps (or the next power of two above
+        # it) and the step count is traced, so one compilation serves every level.
+        times = self.times(num_steps)
+        capacity = max(_GRID_BUCKET, 1 << (num_steps - 1).bit_length())
+        padded = np.full(capacity + 1, times[-1])
+        padded[: num_steps + 1] = times
+        return jnp.asarray(padded, dtype=jnp.float32), jnp.asarray(num_steps, jnp.int32)
+
     def sample(self, keys, num_steps: int):
         """End states of `keys.shape[0]` independent paths; shape `(B, *event_shape)`."""
-        times = jnp.asarray(self.times(num_steps), dtype=jnp.float32)
-        return _sample_batch(self, times, keys)
+        times, n = self._padded_times(check_num_steps(num_steps))
+        return _sample_batch(self, times, n, keys)
 
     def sample_coupled(self, keys, num_steps: int, refinement: int):
         """Coupled (fine, coarse) end states, `num_steps` fine steps and `num_steps //
         refinement` coarse steps; each of shape `(B, *event_shape)`. The fine states equal
         `sample(keys, num_steps)`."""
         m = check_refinement(refinement)
-        if num_steps % m:
+        if check_num_steps(num_steps) % m:
             raise ValueError(f"num_steps={num_steps} is not a multiple of refinement={m}.")
-        times = jnp.asarray(self.times(num_steps), dtype=jnp.float32)
-        return _sample_coupled_batch(self, times, m, keys)
+        times, n = self._padded_times(num_steps)
+        return _sample_coupled_batch(self, times, n, m, keys)
 
 
 def _split_path_key(key):
@@ -108,22 +121,22 @@ def _split_path_key(key):
 
 
 @eqx.filter_jit
-def _sample_batch(diffusion: ReverseDiffusion, times, keys):
+def _sample_batch(diffusion: ReverseDiffusion, times, num_steps, keys):
     def one(key):
         start_key, path_key = _split_path_key(key)
         x0 = diffusion.start(start_key)
-        return reverse_path(diffusion.sampler, diffusion.model, x0, times, path_key)
+        return reverse_path(diffusion.sampler, diffusion.model, x0, times, path_key, num_steps)
 
     return jax.vmap(one)(keys)
 
 
 @eqx.filter_jit
-def _sample_coupled_batch(diffusion: ReverseDiffusion, times, refinement, keys):
+def _sample_coupled_batch(diffusion: ReverseDiffusion, times, num_steps, refinement, keys):
     def one(key):
         start_key, path_key = _split_path_key(key)
         x0 = diffusion.start(start_key)
         return coupled_reverse_paths(
-            diffusion.sampler, diffusion.model, x0, times, refinement, path_key
+            diffusion.sampler, diffusion.model, x0, times, refinement, path_key, num_steps
         )
 
     return jax.vmap(one)(keys)

@@ -23,6 +23,7 @@ import abc
 import math
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -84,7 +85,8 @@ class AbstractSchedule(eqx.Module):
         """Standard deviation of the reference law `N(0, (alpha_T^2 + sigma_T^2) I)` from which
         unconditional reverse diffusion starts (unit data scale assumed)."""
         t = self.t_max
-        return float(jnp.sqrt(self.alpha(t) ** 2 + self.sigma(t) ** 2))
+        with jax.ensure_compile_time_eval():  # host-side constant, also when called under jit
+            return float(jnp.sqrt(self.alpha(t) ** 2 + self.sigma(t) ** 2))
 
     def check_time(self, name: str, t: float) -> float:
         t = float(t)

@@ -236,17 +236,21 @@ def reverse_path(
     x_start,
     times,
     key,
+    num_steps=None,
 ):
-    """Run one reverse path (one sample, no batch axis) over the decreasing grid `times`
-    (shape `(N + 1,)`). Step `k` uses noise `normal(fold_in(key, k))`, so the path equals the
-    fine path of `coupled_reverse_paths` with the same key. Returns the end state."""
+    """Run one reverse path (one sample, no batch axis) over the decreasing grid `times`.
 
-    def body(x, k):
+    `times` has shape `(N + 1,)`; with `num_steps` given (possibly traced), only the first
+    `num_steps` steps are taken, so one compiled function serves grids of any length up to `N`
+    (the rest of `times` is padding). Step `k` uses noise `normal(fold_in(key, k))`, so the path
+    equals the fine path of `coupled_reverse_paths` with the same key. Returns the end state."""
+
+    def body(k, x):
         z = _step_noise(key, k, x.shape, x.dtype)
-        return sampler.step(model, x, times[k], times[k + 1], z), None
+        return sampler.step(model, x, times[k], times[k + 1], z)
 
-    x_end, _ = jax.lax.scan(body, x_start, jnp.arange(times.shape[0] - 1))
-    return x_end
+    n = times.shape[0] - 1 if num_steps is None else num_steps
+    return jax.lax.fori_loop(0, n, body, x_start)
 
 
 def coupled_reverse_paths(
@@ -256,29 +260,29 @@ def coupled_reverse_paths(
     fine_times,
     refinement: int,
     key,
+    num_steps=None,
 ):
     """A fine and a coarse path from the same start, sharing their noise (one sample).
 
-    `fine_times` has shape `(M * N + 1,)`; the coarse grid is `fine_times[::M]` with `M =
-    refinement`. The fine path is identical to `reverse_path(..., fine_times, key)`; the coarse
-    path is driven by the reweighted increments of the fine noises (module docstring). Returns
+    `fine_times` has shape `(M * N + 1,)` (or longer, with `num_steps = M * N` given, possibly
+    traced); the coarse grid is every `M`-th fine time, `M = refinement`. The fine path is
+    identical to `reverse_path(..., fine_times, key)`; the coarse path is driven by the
+    reweighted increments of the fine noises (module docstring). Returns
     `(fine_end, coarse_end)`.
     """
     m = int(refinement)
-    num_coarse = (fine_times.shape[0] - 1) // m
-    if num_coarse * m + 1 != fine_times.shape[0]:
-        raise ValueError(
-            f"the fine grid has {fine_times.shape[0] - 1} steps, not a multiple of the "
-            f"refinement {m}."
-        )
-    blocks = jnp.stack([fine_times[i : i + num_coarse * m : m] for i in range(m + 1)], axis=1)
-    # blocks[j] = fine times t_{jM}, ..., t_{jM+M} of coarse step j.
+    if num_steps is None:
+        num_steps = fine_times.shape[0] - 1
+        if num_steps % m:
+            raise ValueError(
+                f"the fine grid has {num_steps} steps, not a multiple of the refinement {m}."
+            )
 
-    def coarse_body(carry, j):
+    def coarse_body(j, carry):
         x_fine, x_coarse = carry
-        taus = blocks[j]
+        taus = jax.lax.dynamic_slice_in_dim(fine_times, j * m, m + 1)
 
-        def fine_body(inner, i):
+        def fine_body(i, inner):
             x, eta, var = inner
             z = _step_noise(key, j * m + i, x.shape, x.dtype)
             t, s = taus[i], taus[i + 1]
@@ -287,15 +291,14 @@ def coupled_reverse_paths(
                 c, std = sampler.noise_coefficients(model, t, s)
                 eta = c * eta + std * z
                 var = c**2 * var + std**2
-            return (x, eta, var), None
+            return x, eta, var
 
         init = (x_fine, jnp.zeros_like(x_fine), jnp.zeros((), x_fine.dtype))
-        (x_fine, eta, var), _ = jax.lax.scan(fine_body, init, jnp.arange(m))
+        x_fine, eta, var = jax.lax.fori_loop(0, m, fine_body, init)
         # A step onto sigma = 0 adds no noise (var = 0); guard the 0 / 0.
         safe_var = jnp.where(var > 0, var, 1.0)
         z_coarse = jnp.where(var > 0, eta / jnp.sqrt(safe_var), 0.0)
         x_coarse = sampler.step(model, x_coarse, taus[0], taus[m], z_coarse)
-        return (x_fine, x_coarse), None
+        return x_fine, x_coarse
 
-    (x_fine, x_coarse), _ = jax.lax.scan(coarse_body, (x_start, x_start), jnp.arange(num_coarse))
-    return x_fine, x_coarse
+    return jax.lax.fori_loop(0, num_steps // m, coarse_body, (x_start, x_start))
