@@ -64,6 +64,7 @@ def test_tour_notebook(tmp_path, monkeypatch):
     ), "commit the notebook without outputs"
     for key, value in _env().items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MPLBACKEND")  # the kernel's inline backend shows the figures
     client = nbclient.NotebookClient(
         notebook,
         timeout=600,
