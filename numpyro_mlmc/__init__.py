@@ -12,6 +12,7 @@ from ._diffusers import (
     schedule_from_diffusers,
 )
 from ._diffusion import DiffusionLevelSampler, ReverseDiffusion
+from ._distributed import initialize_distributed
 from ._gmm import GaussianMixturePrior, GaussianMixtureScoreModel
 from ._kernel import DiffusionPosterior, DiffusionPosteriorState, sample_posterior
 from ._levels import LevelSampler
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "list_pretrained",
+    "initialize_distributed",
     "nets",
     "MLMC",
     "MLMCResult",

@@ -204,11 +204,10 @@ def test_sigkill_mid_run_and_restart(tmp_path):
         time.sleep(3.0)
         assert victim.poll() is None, "the run finished before it could be killed"
         os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(timeout=60)
     finally:
         if victim.poll() is None:
             victim.kill()
-            victim.wait()
+        victim.communicate(timeout=60)  # reaps it and closes its pipes
     assert victim.returncode == -signal.SIGKILL
     assert not (tmp_path / "never.npz").exists()
     resumed = _job([tmp_path / "resumed.npz", checkpoint, 0.0])
