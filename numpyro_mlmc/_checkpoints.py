@@ -80,6 +80,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -140,6 +143,8 @@ def tensors_into_tree(skeleton, tensors: dict[str, np.ndarray], what: str):
             new_leaves.append(leaf)
             continue
         value = tensors[name]
+        if leaf.ndim == 0 and value.shape == (1,):
+            value = value.reshape(())  # safetensors stores 0-d arrays with shape (1,)
         if tuple(value.shape) != tuple(leaf.shape):
             problems.append(
                 f"wrong shape for {name}: file has {tuple(value.shape)}, the architecture "
