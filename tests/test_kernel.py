@@ -274,3 +274,39 @@ def test_bad_models_get_clear_errors():
         nm.DiffusionPosterior("model")
     with pytest.raises(ValueError, match="num_samples"):
         nm.sample_posterior(jr.key(0), net_model, 0, y=jnp.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["student_t", "laplace", "bernoulli"],
+)
+def test_dps_reads_any_likelihood_from_the_model(family):
+    """Plates, `.to_event` and non-Gaussian likelihoods after a nonlinear forward map: dps runs
+    and its posterior mean is closer to the truth than the prior mean (measured for
+    Bernoulli, the least informative: 0.594 against 0.741)."""
+    prior = gaussian(16, seed=4)
+    truth = prior.sample(jr.key(0))
+    op = nm.operators.Project(np.random.default_rng(5).normal(size=(48, 16)) / 4)
+
+    def likelihood(x):
+        z = op(x)
+        if family == "student_t":
+            return dist.StudentT(5.0, z, 0.1)
+        if family == "laplace":
+            return dist.Laplace(z, 0.1)
+        return dist.Bernoulli(logits=8.0 * z)
+
+    y = likelihood(truth).sample(jr.key(1))
+
+    def model(y=None):
+        x = numpyro.sample("x", prior)
+        with numpyro.plate("pixels", 48):
+            numpyro.sample("y", likelihood(x), obs=y)
+
+    kernel = nm.DiffusionPosterior(model, num_steps=64)
+    draws = nm.sample_posterior(jr.key(2), kernel, 200, batch_size=200, y=y)["x"]
+    assert kernel.guidance == "dps"
+    assert np.all(np.isfinite(draws))
+    err = np.sqrt(np.mean((draws.mean(0) - truth) ** 2))
+    prior_err = np.sqrt(np.mean((prior.mean - truth) ** 2))
+    assert err < prior_err, (err, prior_err)
