@@ -12,10 +12,14 @@ reads cleanly without the hook):
   named, or nothing.
 * `<!-- model-cards -->`: a list of the pages in `docs/model_cards/`, or a note that none
   exist yet.
+* `<!-- mlmc-vs-mc-table: GLOB -->`: one table row per record of the `benchmarks/mlmc_vs_mc.py`
+  JSON files matching `GLOB` (repository root), with each file's command; a note if none.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import posixpath
 import re
 from pathlib import Path
@@ -27,6 +31,47 @@ FIGURE_DIRS = ("benchmarks/results",)
 _FIGURE = re.compile(r"<!--\s*figure:\s*(.+?)\s*\|\s*(.+?)\s*\|\s*(.+?)\s*-->")
 _OTHER = re.compile(r"<!--\s*other-figures:\s*(\S+)\s*-->")
 _CARDS = re.compile(r"<!--\s*model-cards\s*-->")
+_TABLE = re.compile(r"<!--\s*mlmc-vs-mc-table:\s*(\S+)\s*-->")
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def _mlmc_vs_mc_table(pattern: str) -> str:
+    paths = sorted(glob.glob(str(ROOT / pattern)))
+    if not paths:
+        return (
+            '!!! note "Not yet measured"\n'
+            f"    No `{pattern}` in this build; `benchmarks/README.md` has the commands.\n"
+        )
+    rows = [
+        "| problem | spacing | eps | MLMC NFEs | MC NFEs | NFE ratio | wall ratio "
+        "| realised RMSE MLMC / MC | alpha | beta | levels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    commands = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            commands.append(f"- `{data['command']}` -> `{Path(path).relative_to(ROOT)}`")
+            for r in data["records"]:
+                mlmc, mc = r["mlmc"], r.get("mc") or {}
+                measured = "cost_nfe" in mc
+                mc_cost = mc["cost_nfe"] if measured else mlmc.get("mc_cost_prediction")
+                rows.append(
+                    f"| {r['problem']} | {r.get('spacing', '-')} | {r['eps']:g} "
+                    f"| {mlmc['cost_nfe']:,} "
+                    f"| {_fmt(mc_cost, ',')}{'' if measured else ' (predicted)'} "
+                    f"| {_fmt(r.get('nfe_ratio'), '.2f')} | {_fmt(r.get('wall_ratio'), '.2f')} "
+                    f"| {_fmt(mlmc.get('realised_rmse'), '.2g')} / "
+                    f"{_fmt(mc.get('realised_rmse'), '.2g')} "
+                    f"| {_fmt(mlmc.get('alpha'), '.2f')} | {_fmt(mlmc.get('beta'), '.2f')} "
+                    f"| {'-'.join(str(v) for v in mlmc.get('levels', []))} |"
+                )
+        except (KeyError, TypeError, ValueError) as err:
+            commands.append(f"- `{Path(path).relative_to(ROOT)}`: not readable here ({err!r})")
+    return "\n".join(rows) + "\n\nProduced by:\n\n" + "\n".join(commands) + "\n"
 
 
 def on_files(files, config):
@@ -78,6 +123,7 @@ def on_page_markdown(markdown, page, config, files):
             )
         return "\n".join(f"- [{p.stem}]({_link(page, 'model_cards/' + p.name)})" for p in pages)
 
+    markdown = _TABLE.sub(lambda m: _mlmc_vs_mc_table(m.group(1)), markdown)
     markdown = _FIGURE.sub(figure, markdown)
     markdown = _OTHER.sub(other, markdown)
     return _CARDS.sub(cards, markdown)
