@@ -87,6 +87,8 @@ class DiffusionPosterior(MCMCKernel):
         self.guidance_scale = scale
         self.spacing = spacing
         self.exponent = float(exponent)
+        if not (0 < self.exponent < math.inf):
+            raise ValueError(f"exponent must be positive and finite, got {exponent}.")
         self.guidance: str | None = None
         self._diffusion: ReverseDiffusion | None = None
         self._structure: ModelStructure | None = None
@@ -312,6 +314,16 @@ def sample_posterior(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     batch_size = check_num_steps(batch_size, "batch_size")
+    num_chains = check_num_steps(num_chains, "num_chains")
+    if not is_prng_key(key):
+        raise TypeError(
+            f"key must be a JAX PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got {key!r}."
+        )
+    if not isinstance(model_args, (tuple, list)):
+        raise TypeError(
+            f"model_args must be a tuple of the model's positional arguments, got "
+            f"{type(model_args).__name__}; write model_args=(a,) or pass keywords (y=...)."
+        )
     if num_samples % num_chains:
         raise ValueError(f"num_samples={num_samples} is not a multiple of num_chains={num_chains}.")
     if isinstance(model, DiffusionPosterior):

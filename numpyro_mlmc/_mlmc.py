@@ -752,6 +752,11 @@ class MLMC:
         functionals = _check_functionals(functionals)
         fixed = None
         if num_samples is not None:
+            if not isinstance(num_samples, (list, tuple, np.ndarray)):
+                raise TypeError(
+                    f"num_samples must be a list of sample counts, one per level from min_level, "
+                    f"e.g. [4000, 1000, 250]; got {num_samples!r}."
+                )
             fixed = [_check_int("num_samples[l]", int_like, 1) for int_like in num_samples]
             l0 = 0 if self.min_level is None else self.min_level
             if not fixed or l0 + len(fixed) - 1 > self.max_level:

@@ -51,6 +51,11 @@ def pretrained_path(name_or_path) -> Path:
                 f"from the installed package ({path}); reinstall numpyro-mlmc."
             )
         return path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"pass a shipped prior's name ({list_pretrained()}) or a checkpoint directory path, "
+            f"got {name_or_path!r}."
+        )
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.is_dir():
         return path

@@ -28,7 +28,7 @@ __all__ = ["AbstractDiffusionPrior", "DiffusionPrior"]
 def _check_event_shape(event_shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in event_shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(
             f"event_shape must be a tuple of ints such as (8, 8), got {event_shape!r}."
         ) from None

@@ -157,6 +157,8 @@ class VPSchedule(_AbstractVPSchedule):
                 f"VPSchedule needs 0 < beta_min <= beta_max, got beta_min={self.beta_min}, "
                 f"beta_max={self.beta_max}."
             )
+        if not (0 < self.t_max < float("inf")):
+            raise ValueError(f"VPSchedule needs a positive finite t_max, got {self.t_max}.")
 
     def log_alpha_bar(self, t):
         return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)

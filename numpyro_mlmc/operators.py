@@ -135,6 +135,8 @@ class Blur(AbstractOperator):
         kernel = jnp.asarray(kernel)
         if kernel.ndim != 2:
             raise ValueError(f"Blur kernel must be 2-D (kh, kw), got shape {kernel.shape}.")
+        if not isinstance(kernel, jax.core.Tracer) and not np.all(np.isfinite(kernel)):
+            raise ValueError("Blur kernel contains NaN or inf; pass finite weights.")
         if boundary not in ("periodic", "reflect"):
             raise ValueError(f"boundary must be 'periodic' or 'reflect', got {boundary!r}.")
         self.kernel = kernel
@@ -234,6 +236,8 @@ class Project(AbstractOperator):
         matrix = jnp.asarray(matrix)
         if matrix.ndim != 2:
             raise ValueError(f"Project matrix must be 2-D (m, D), got shape {matrix.shape}.")
+        if not isinstance(matrix, jax.core.Tracer) and not np.all(np.isfinite(matrix)):
+            raise ValueError("Project matrix contains NaN or inf; pass finite entries.")
         self.matrix = matrix
         self.image_shape = (matrix.shape[1],) if image_shape is None else tuple(image_shape)
         if int(np.prod(self.image_shape)) != matrix.shape[1]:
