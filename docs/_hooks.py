@@ -12,6 +12,8 @@ reads cleanly without the hook):
   named, or nothing.
 * `<!-- model-cards -->`: a list of the pages in `docs/model_cards/`, or a note that none
   exist yet.
+* On model cards (`docs/model_cards/*.md`), an image whose file is missing (a figure not yet
+  generated and committed) is replaced by a visible note saying so, instead of a broken link.
 * `<!-- mlmc-vs-mc-table: GLOB -->`: one table row per record of the `benchmarks/mlmc_vs_mc.py`
   JSON files matching `GLOB` (repository root), with each file's command; a note if none.
 """
@@ -31,6 +33,7 @@ FIGURE_DIRS = ("benchmarks/results",)
 _FIGURE = re.compile(r"<!--\s*figure:\s*(.+?)\s*\|\s*(.+?)\s*\|\s*(.+?)\s*-->")
 _OTHER = re.compile(r"<!--\s*other-figures:\s*(\S+)\s*-->")
 _CARDS = re.compile(r"<!--\s*model-cards\s*-->")
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 _TABLE = re.compile(r"<!--\s*mlmc-vs-mc-table:\s*(\S+)\s*-->")
 
 
@@ -123,6 +126,16 @@ def on_page_markdown(markdown, page, config, files):
             )
         return "\n".join(f"- [{p.stem}]({_link(page, 'model_cards/' + p.name)})" for p in pages)
 
+    if page.file.src_uri.startswith("model_cards/"):
+        folder = Path(page.file.abs_src_path).parent
+
+        def image(match):
+            target = match.group(2)
+            if "://" in target or (folder / target).is_file():
+                return match.group(0)
+            return f"*(Figure `{target}` is not in this build: {match.group(1) or 'no caption'}.)*"
+
+        markdown = _IMAGE.sub(image, markdown)
     markdown = _TABLE.sub(lambda m: _mlmc_vs_mc_table(m.group(1)), markdown)
     markdown = _FIGURE.sub(figure, markdown)
     markdown = _OTHER.sub(other, markdown)
