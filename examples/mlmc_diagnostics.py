@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0], "diagnostics-output")
     p.add_argument("--num-samples", type=int, default=None, help="draws per level (default 2000)")
     p.add_argument("--max-level", type=int, default=None, help="finest level L (default 8)")
+    p.add_argument(
+        "--rmse", type=float, nargs="+", default=None, help="MLMC targets (default 0.02 0.01 0.005)"
+    )
     args = p.parse_args(argv)
 
     import jax.numpy as jnp
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     num_samples = args.num_samples or (32 if tiny else 2000)
     max_level = args.max_level or (3 if tiny else 8)
-    rmse_values = (0.2,) if tiny else (0.02, 0.01, 0.005)
+    rmse_values = args.rmse or ((0.2,) if tiny else (0.02, 0.01, 0.005))
 
     prior = digits_prior(args.prior, tiny=tiny)
     truth = held_out_digit(11)
