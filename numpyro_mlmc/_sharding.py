@@ -25,6 +25,7 @@ functionals)` numbers per batch, small against the hundreds of network evaluatio
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -83,6 +84,12 @@ def _fold_in_indices(level_key, indices):
     return jax.vmap(lambda i: jr.fold_in(level_key, i))(indices)
 
 
+@functools.lru_cache(maxsize=32)
+def _keys_function(sharding):
+    """One jitted key maker per sharding, so runs after the first do not recompile it."""
+    return jax.jit(_fold_in_indices, out_shardings=sharding)
+
+
 class BatchRunner:
     """Where a batch of keyed draws runs: the local devices of this process, and this
     process's share when several processes work together (`jax.process_count() > 1`).
@@ -97,7 +104,7 @@ class BatchRunner:
         self.process_count = jax.process_count()
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
-        self._keys = jax.jit(_fold_in_indices, out_shardings=self.sharding)
+        self._keys = _keys_function(self.sharding)
 
     @property
     def num_devices(self) -> int:
