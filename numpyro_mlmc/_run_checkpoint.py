@@ -22,9 +22,10 @@ raised.
 
 A checkpoint is refused (`RunCheckpointError`, naming what differs) when the method, key,
 configuration, level sampler (its parameters and arrays, e.g. network weights), model data or
-functionals differ. The device count and the process count may differ: they do not change
-the result. With several processes (`jax.distributed`) all hold the same state; process 0
-writes the file, and every process reads it on restart (use a shared filesystem).
+functionals differ. The device and process counts are not part of the identity: they do not
+change the result (resuming on another count is not covered by a test). With several
+processes (`jax.distributed`) all hold the same state; process 0 writes the file, and every
+process reads it on restart (use a shared filesystem).
 
 The file is an `.npz` archive of arrays plus a JSON header; no pickle, so loading one cannot
 run code.
