@@ -273,8 +273,8 @@ class ResumableEngine(_Engine):
     """`_Engine` that checkpoints after every batch (see the module docstring)."""
 
     def __init__(self, *args, checkpoint, identity, **kwargs):
-        super().__init__(*args, **kwargs)
         self.checkpoint_path = check_checkpoint_path(checkpoint)
+        super().__init__(*args, **kwargs)
         self.identity = identity
         self.journal = []  # events: ["call", level, count, start] | ["query", key, value]
         self._replay = None  # events still to replay, or None when live
@@ -337,6 +337,7 @@ class ResumableEngine(_Engine):
                     f"resuming from {self.checkpoint_path!r}: the run asked for {key} where the "
                     f"checkpoint recorded {event[1]}; delete it to start afresh."
                 )
+            self.journal.append(event)  # kept for a later resume of this run
             return decode(event[2])
         self._depth += 1
         try:

@@ -94,6 +94,18 @@ def test_interrupted_runs_resume_exactly(tmp_path, reference):
         assert first._calls - 1 + second._calls == total_calls, after
 
 
+def test_a_resumed_run_interrupted_again_resumes_exactly(tmp_path, reference):
+    ref, total_calls = reference
+    path = tmp_path / "run.npz"
+    first, second = Interruptible(after=2), Interruptible(after=total_calls // 2)
+    for sampler in (first, second):
+        with pytest.raises(KeyboardInterrupt):
+            mlmc(sampler).run(key(), rmse=0.02, progress_bar=False, checkpoint=path)
+    third = Interruptible()
+    assert_same(mlmc(third).run(key(), rmse=0.02, progress_bar=False, checkpoint=path), ref)
+    assert first._calls - 1 + second._calls - 1 + third._calls == total_calls
+
+
 def test_monte_carlo_resumes(tmp_path):
     ref = nm.MonteCarlo(Interruptible(), level=3, batch_size=32, pilot_samples=32).run(
         key(), rmse=0.02, progress_bar=False
