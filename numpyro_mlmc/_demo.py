@@ -11,7 +11,6 @@ PNG: truth, observation, posterior mean, posterior std, and the four MLMC panels
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import jax.random as jr

@@ -56,9 +56,12 @@ class PiGDMScoreModel(AbstractScoreModel):
     eigenvectors: jax.Array  # (m, m)
     eigenvalues: jax.Array  # (m,)
     schedule: AbstractSchedule
+    network_jacobian: bool = eqx.field(static=True, default=True)
 
     @staticmethod
-    def build(prior: AbstractScoreModel, linear: LinearGaussian) -> PiGDMScoreModel:
+    def build(
+        prior: AbstractScoreModel, linear: LinearGaussian, network_jacobian: bool = True
+    ) -> PiGDMScoreModel:
         std = linear.noise_std
         a = linear.matrix / std[:, None]
         lam, vec = np.linalg.eigh(a @ a.T)
@@ -71,18 +74,26 @@ class PiGDMScoreModel(AbstractScoreModel):
             eigenvectors=jnp.asarray(vec, dtype),
             eigenvalues=jnp.asarray(np.maximum(lam, 0.0), dtype),
             schedule=prior.schedule,
+            network_jacobian=network_jacobian,
         )
 
     def score(self, x, t):
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        x0, vjp = jax.vjp(lambda z: self.prior.denoise(z, t), x)
+        if self.network_jacobian:
+            x0, vjp = jax.vjp(lambda z: self.prior.denoise(z, t), x)
+        else:
+            x0 = self.prior.denoise(x, t)
         prior_score = (alpha * x0 - x) / sigma**2
         s2 = (sigma / alpha) ** 2
         r2 = s2 / (1.0 + s2)
         resid = self.observation - self.matrix @ x0.reshape(-1) - self.offset
         coef = self.eigenvectors.T @ resid / (r2 * self.eigenvalues + 1.0)
-        v = self.matrix.T @ (self.eigenvectors @ coef)
-        (guide,) = vjp(v.reshape(x.shape))
+        v = (self.matrix.T @ (self.eigenvectors @ coef)).reshape(x.shape)
+        if self.network_jacobian:
+            (guide,) = vjp(v)
+        else:
+            # d x0_hat / d x_t of a unit-variance Gaussian prior: alpha / (alpha^2 + sigma^2) I.
+            guide = alpha / (alpha**2 + sigma**2) * v
         return prior_score + guide
 
 
