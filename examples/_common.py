@@ -9,9 +9,10 @@ test-sized settings that run in seconds, `--out DIR` for its figures, `--seed`, 
   posteriors under linear-Gaussian observations are known in closed form and estimates can be
   checked: the shipped reference `from_pretrained("digits-gmm")` when this install has it, else
   one fitted here (`nm.GaussianMixturePrior.fit`, 10 components, 3 with `--tiny`);
-* `auto` (default): `pretrained` when this install ships it (`nm.list_pretrained()`), else `gmm`;
-  with `--tiny`, always `gmm` (a network prior's compilation would dominate a test-sized run;
-  pass `--tiny --prior pretrained` to exercise it).
+* `auto` (default): `gmm` for now. The shipped network is not the default yet: under `pigdm`
+  guidance at 16 reverse steps it gave non-finite draws on the quick-start problem (measured
+  while these examples were written), so until guided sampling with it passes `nm.mlmc_test`,
+  use it deliberately with `--prior pretrained`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def digits_prior(choice: str = "auto", *, tiny: bool = False):
     from numpyro_mlmc._data import load_digits_images
 
     shipped = nm.list_pretrained()
-    if (choice == "pretrained" or (choice == "auto" and not tiny)) and "digits" in shipped:
+    if choice == "pretrained" and "digits" in shipped:
         return nm.DiffusionPrior.from_pretrained("digits")
     if choice == "pretrained":
         raise SystemExit("this install ships no pretrained 'digits' prior; use --prior gmm.")
