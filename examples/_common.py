@@ -9,10 +9,11 @@ test-sized settings that run in seconds, `--out DIR` for its figures, `--seed`, 
   posteriors under linear-Gaussian observations are known in closed form and estimates can be
   checked: the shipped reference `from_pretrained("digits-gmm")` when this install has it, else
   one fitted here (`nm.GaussianMixturePrior.fit`, 10 components, 3 with `--tiny`);
-* `auto` (default): `gmm` for now. The shipped network is not the default yet: under `pigdm`
-  guidance at 16 reverse steps it gave non-finite draws on the quick-start problem (measured
-  while these examples were written), so until guided sampling with it passes `nm.mlmc_test`,
-  use it deliberately with `--prior pretrained`.
+* `auto` (default): `gmm` for now, so that every example can print its error against the exact
+  posterior. `--prior pretrained` runs the same code with the network; check a network prior
+  with `nm.mlmc_test` first (with the published vector-Jacobian form of `pigdm` the shipped
+  digits network diverged at coarse levels; `DiffusionPosterior` now defaults to the isotropic
+  form for network priors, `pigdm_jacobian="auto"`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ parametrization). This script
    observed with noise 0.5 (`guidance="denoise"`, the exact start-time sampler).
 
     python examples/custom_network_prior.py --out custom-output        # about a minute
-    python examples/custom_network_prior.py --tiny --out /tmp/custom   # untrained-quality, seconds
+    python examples/custom_network_prior.py --tiny --out tiny-output    # untrained-quality, seconds
 
 Writes `custom_network_loss.png`, `custom_network_samples.png` and
 `custom_network_denoising.png` to `--out`. For a proper prior use the training CLI

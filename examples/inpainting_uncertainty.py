@@ -12,7 +12,7 @@ code under pseudoinverse guidance (`pigdm`), which is approximate: MLMC then est
 expectations of the guided sampler's law, not of the exact posterior.
 
     python examples/inpainting_uncertainty.py --out inpainting-output
-    python examples/inpainting_uncertainty.py --tiny --out /tmp/inpainting
+    python examples/inpainting_uncertainty.py --tiny --out tiny-output
 
 Writes `inpainting_uncertainty.png` and `inpainting_samples.png` to `--out`.
 """

@@ -14,7 +14,7 @@ gamma (cost). It then runs adaptive MLMC at a few `rmse` values for the `N_l` an
 How to read all this: docs/how-to/read-diagnostics.md.
 
     python examples/mlmc_diagnostics.py --out diagnostics-output
-    python examples/mlmc_diagnostics.py --tiny --out /tmp/diagnostics
+    python examples/mlmc_diagnostics.py --tiny --out tiny-output
 
 Writes `mlmc_test.png` (the four panels), `mlmc_run.png` (`MLMCResult.plot()` of the tightest
 run) and `mlmc_levels.csv` (the level table) to `--out`.

@@ -18,7 +18,7 @@ against the truth. MLMC over DPS estimates expectations under DPS's law to the r
 it cannot remove the guidance's own bias.
 
     python examples/poisson_deblurring_dps.py --out poisson-output
-    python examples/poisson_deblurring_dps.py --tiny --out /tmp/poisson
+    python examples/poisson_deblurring_dps.py --tiny --out tiny-output
 
 Writes `poisson_deblurring.png` (truth, blurred truth, counts, posterior mean and std per scale)
 to `--out`.

@@ -18,7 +18,7 @@ this install has it, else a Gaussian mixture fitted to the digits, whose posteri
 closed form; then the script also prints the realised error of the MLMC estimates.
 
     python examples/quickstart.py --out quickstart-output
-    python examples/quickstart.py --tiny --out /tmp/quickstart     # seconds, for tests
+    python examples/quickstart.py --tiny --out tiny-output     # seconds, for tests
 
 Inpainting is not where MLMC pays most (docs/results.md): expect a modest cost ratio here, and
 a larger one on the denoising problem of `examples/mlmc_diagnostics.py`.
