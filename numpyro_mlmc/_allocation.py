@@ -101,12 +101,26 @@ def optimal_samples(variances, costs, variance_budget: float):
     that minimise `sum N_l C_l` subject to `sum V_l / N_l <= budget` (Giles 2015, eq. 1.7)."""
     v = np.maximum(np.asarray(variances, np.float64), 0.0)
     c = np.asarray(costs, np.float64)
+    if not np.all(np.isfinite(v)):
+        bad = [int(i) for i in np.flatnonzero(~np.isfinite(v))]
+        raise FloatingPointError(
+            f"level variances at positions {bad} are not finite (overflow in the draws); the "
+            "sampler is unstable at those levels: use more steps at the coarsest level "
+            "(min_level), another sampler, or a stabler guidance."
+        )
     if np.any(c <= 0):
         raise ValueError("costs must be positive.")
     if variance_budget <= 0:
         raise ValueError("variance budget must be positive.")
     total = np.sum(np.sqrt(v * c))
-    return np.ceil(np.sqrt(v / c) * total / variance_budget).astype(np.int64)
+    counts = np.ceil(np.sqrt(v / c) * total / variance_budget)
+    if np.any(counts > 2**62):
+        raise FloatingPointError(
+            f"the allocation asks for {counts.max():.3g} samples on one level: the level "
+            "variances are too large for this rmse (an unstable sampler, or an rmse far too "
+            "small for the problem's scale)."
+        )
+    return counts.astype(np.int64)
 
 
 def bias_remainder(magnitudes, alpha: float, refinement: int) -> float:

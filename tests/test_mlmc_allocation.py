@@ -192,3 +192,14 @@ def test_level_accumulator_corrections():
     np.testing.assert_allclose(acc.correction["a"].mean, (f - c).mean(0), rtol=1e-12)
     np.testing.assert_allclose(acc.fine["a"].variance, f.var(0, ddof=1), rtol=1e-12)
     np.testing.assert_allclose(acc.coarse["a"].mean, c.mean(0), rtol=1e-12)
+
+
+def test_allocation_refuses_non_finite_or_overflowing_variances():
+    """An overflowing level (unstable sampler) stops with an error instead of an int cast of
+    inf that used to make the adaptive loop spin."""
+    from numpyro_mlmc._allocation import optimal_samples
+
+    with pytest.raises(FloatingPointError, match="not finite"):
+        optimal_samples([np.inf, 1.0], [1.0, 2.0], 0.1)
+    with pytest.raises(FloatingPointError, match="too large"):
+        optimal_samples([1e300, 1.0], [1.0, 2.0], 1e-300)
