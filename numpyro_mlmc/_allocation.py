@@ -113,8 +113,9 @@ def optimal_samples(variances, costs, variance_budget: float):
     if variance_budget <= 0:
         raise ValueError("variance budget must be positive.")
     total = np.sum(np.sqrt(v * c))
-    counts = np.ceil(np.sqrt(v / c) * total / variance_budget)
-    if np.any(counts > 2**62):
+    with np.errstate(over="ignore"):
+        counts = np.ceil(np.sqrt(v / c) * total / variance_budget)
+    if not np.all(counts <= 2**62):
         raise FloatingPointError(
             f"the allocation asks for {counts.max():.3g} samples on one level: the level "
             "variances are too large for this rmse (an unstable sampler, or an rmse far too "
