@@ -197,11 +197,6 @@ def _evaluator(items):
     return jax.jit(evaluate)
 
 
-@jax.jit
-def _draw_keys(level_key, indices):
-    return jax.vmap(lambda i: jr.fold_in(level_key, i))(indices)
-
-
 # ----------------------------------------------------------------------------------------------
 # the engine: levels, draws and accumulators of one run
 # ----------------------------------------------------------------------------------------------
