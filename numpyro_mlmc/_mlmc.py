@@ -488,6 +488,43 @@ def _identity_config(obj):
     return {k: v for k, v in vars(obj).items() if k not in ("sampler", "devices")}
 
 
+def _make_engine(
+    estimator,
+    method,
+    checkpoint,
+    key,
+    sampler,
+    functionals,
+    model_args,
+    model_kwargs,
+    run_config,
+    progress_bar,
+    *,
+    description,
+):
+    """The engine of one `MLMC` / `MonteCarlo` run (checkpointing when `checkpoint` is set)."""
+    return _engine_class(
+        checkpoint,
+        method=method,
+        key=key,
+        config={**_identity_config(estimator), **run_config},
+        sampler=sampler,
+        functionals=functionals,
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+    )(
+        sampler,
+        key,
+        functionals,
+        batch_size=estimator.batch_size,
+        max_stored_draws=estimator.max_stored_draws,
+        on_nonfinite=estimator.on_nonfinite,
+        progress_bar=progress_bar,
+        devices=estimator.devices,
+        description=description,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # building the result
 # ----------------------------------------------------------------------------------------------
@@ -762,24 +799,17 @@ class MLMC:
         sampler = as_level_sampler(
             self.sampler, model_args, model_kwargs, refinement=self.refinement
         )
-        engine = _engine_class(
+        engine = _make_engine(
+            self,
+            "MLMC",
             checkpoint,
-            method="MLMC",
-            key=key,
-            config={**_identity_config(self), "rmse": eps, "num_samples": fixed},
-            sampler=sampler,
-            functionals=functionals,
-            model_args=model_args,
-            model_kwargs=model_kwargs,
-        )(
-            sampler,
             key,
+            sampler,
             functionals,
-            batch_size=self.batch_size,
-            max_stored_draws=self.max_stored_draws,
-            on_nonfinite=self.on_nonfinite,
-            progress_bar=progress_bar,
-            devices=self.devices,
+            model_args,
+            model_kwargs,
+            {"rmse": eps, "num_samples": fixed},
+            progress_bar,
             description="MLMC",
         )
         start = time.perf_counter()
@@ -1066,24 +1096,17 @@ class MonteCarlo:
         sampler = as_level_sampler(
             self.sampler, model_args, model_kwargs, refinement=self.refinement
         )
-        engine = _engine_class(
+        engine = _make_engine(
+            self,
+            "MonteCarlo",
             checkpoint,
-            method="MonteCarlo",
-            key=key,
-            config={**_identity_config(self), "rmse": eps, "num_samples": num_samples},
-            sampler=sampler,
-            functionals=functionals,
-            model_args=model_args,
-            model_kwargs=model_kwargs,
-        )(
-            sampler,
             key,
+            sampler,
             functionals,
-            batch_size=self.batch_size,
-            max_stored_draws=self.max_stored_draws,
-            on_nonfinite=self.on_nonfinite,
-            progress_bar=progress_bar,
-            devices=self.devices,
+            model_args,
+            model_kwargs,
+            {"rmse": eps, "num_samples": num_samples},
+            progress_bar,
             description="MC",
         )
         lev = self.level
