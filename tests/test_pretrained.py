@@ -105,3 +105,31 @@ def test_digits_prior_beats_gmm_denoiser_on_held_out_digits():
             gmm.denoise, images, ratio, key
         )
     assert wins >= 3
+
+
+def test_every_registered_prior_is_shipped_and_loads():
+    """The registry and the package's `pretrained/` folder agree, and each listed name loads."""
+    from numpyro_mlmc._pretrained import _REGISTRY
+
+    folders = sorted(p.name for p in pretrained_path("digits").parent.iterdir() if p.is_dir())
+    assert folders == sorted(_REGISTRY) == nm.list_pretrained()
+    for name in nm.list_pretrained():
+        prior = nm.DiffusionPrior.from_pretrained(name)
+        assert prior.name == name and prior.event_shape == SHAPES[name.removesuffix("-gmm")]
+
+
+def test_shipped_files_are_package_data():
+    """Every file under `numpyro_mlmc/pretrained/` matches a `package-data` pattern of
+    pyproject.toml, so a built wheel carries the weights (checked by hand with `pip wheel`)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    package = root / "numpyro_mlmc"
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["numpyro_mlmc"]
+    files = [p for p in (package / "pretrained").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
