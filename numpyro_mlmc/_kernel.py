@@ -24,7 +24,7 @@ from ._diffusion import DiffusionLevelSampler, ReverseDiffusion, check_num_steps
 from ._gmm import GaussianMixturePrior
 from ._guidance import GUIDANCES, DPSScoreModel, PiGDMScoreModel
 from ._model_structure import ModelError, ModelStructure, inspect_model
-from ._sharding import BatchRunner
+from ._sharding import DEFAULT_CHUNK_SIZE, BatchRunner
 from ._solvers import get_sampler
 
 __all__ = ["DiffusionPosterior", "DiffusionPosteriorState", "sample_posterior"]
@@ -307,6 +307,7 @@ def sample_posterior(
     return_inference_data: bool = False,
     progress_bar: bool = False,
     devices=None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     **model_kwargs: Any,
 ):
     """`num_samples` independent posterior draws, computed `batch_size` paths at a time.
@@ -323,8 +324,10 @@ def sample_posterior(
         model_args: positional arguments of the model.
         num_chains: only shapes the InferenceData: draws are split into `(chain, draw)`.
         return_inference_data: also return `arviz.InferenceData` (posterior group).
-        devices: `None` (default) shards each batch over every local device; an int `n` for
-            the first `n`, or a list of devices (see `nm.MLMC`).
+        devices: `None` (default) spreads each batch over every local device; an int `n`
+            for the first `n`, or a list of devices (see `nm.MLMC`).
+        chunk_size: most paths per device call (default 64); as in `nm.MLMC`, draws are then
+            bit-identical whatever the number of devices.
         **model_kwargs: keyword arguments of the model (e.g. `y=y_obs`).
 
     Returns `{site: array (num_samples, *event_shape)}` plus deterministic sites, or
@@ -362,21 +365,23 @@ def sample_posterior(
     diffusion = kernel.build(model_args, model_kwargs)
     site = kernel.structure.site
     keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(num_samples))
-    runner = BatchRunner(devices)  # each batch sharded over the local devices
-    size = -(-min(batch_size, num_samples) // runner.num_devices) * runner.num_devices
-    chunks = []
+    # each batch in fixed-size chunks spread over the local devices (`_sharding.py`)
+    runner = BatchRunner(devices, chunk_size)
+    size = min(batch_size, num_samples)
+    batches = []
     starts = range(0, num_samples, size)
     if progress_bar:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="posterior draws", unit="batch")
     for start in starts:
-        chunk = keys[start : start + size]
-        n = chunk.shape[0]
-        if n < size:
-            chunk = jnp.concatenate([chunk, jnp.repeat(chunk[-1:], size - n, axis=0)])
-        chunks.append(np.asarray(diffusion.sample(runner.put(chunk), kernel.num_steps))[:n])
-    draws = np.concatenate(chunks)
+        batch = keys[start : start + size]
+        n = batch.shape[0]
+        if n < size:  # the last batch: padded, so it shares the others' compiled shape
+            batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], size - n, axis=0)])
+        outputs = [diffusion.sample(k, kernel.num_steps) for k in runner.split(batch)]
+        batches.append(runner.gather(outputs)[:n])
+    draws = np.concatenate(batches)
     post = kernel.postprocess_fn(model_args, model_kwargs)
     samples = {k: np.asarray(v) for k, v in jax.vmap(post)({site: jnp.asarray(draws)}).items()}
     if not return_inference_data:

@@ -35,7 +35,7 @@ from ._allocation import (
 )
 from ._levels import as_level_sampler
 from ._result import LevelStatistics, MLMCResult
-from ._sharding import BatchRunner, resolve_devices
+from ._sharding import DEFAULT_CHUNK_SIZE, BatchRunner, check_chunk_size, resolve_devices
 
 __all__ = ["MLMC", "MonteCarlo"]
 
@@ -213,9 +213,11 @@ class _Engine:
         progress_bar,
         description,
         devices=None,
+        chunk_size=DEFAULT_CHUNK_SIZE,
     ):
         self.sampler = sampler
-        self.runner = BatchRunner(devices)  # devices and processes sharing each batch
+        # devices and processes sharing each batch, in chunks of a fixed number of rows
+        self.runner = BatchRunner(devices, chunk_size)
         self.key = key
         self.user_functionals = functionals
         self.batch_size = batch_size
@@ -309,16 +311,22 @@ class _Engine:
             shape = next((s for s in self.batch_shapes if s <= remaining), self.batch_shapes[-1])
             take = min(shape, remaining)
             start = self.next_index[level]
-            # this process's share of keys start .. start + padded shape - 1, sharded over its
-            # devices (`_sharding.py`); the padding rows are dropped below
-            keys = self.runner.keys(level_key, start, self.runner.padded(shape))
-            fine, coarse = self.sampler.sample(keys, level, coupled)
-            if not isinstance(fine, dict) or (coupled and not isinstance(coarse, dict)):
-                raise TypeError(
-                    f"{type(self.sampler).__name__}.sample must return (dict, dict | None), got "
-                    f"({type(fine).__name__}, {type(coarse).__name__})."
-                )
+            # keys start .. start + padded shape - 1 in fixed-size chunks, this process's
+            # chunks each on one of its devices (`_sharding.py`): one sampler call per chunk,
+            # dispatched asynchronously so the devices run together; the padding rows are
+            # dropped below
+            outputs = [
+                self.sampler.sample(keys, level, coupled)
+                for keys in self.runner.keys(level_key, start, shape)
+            ]
+            for fine, coarse in outputs:
+                if not isinstance(fine, dict) or (coupled and not isinstance(coarse, dict)):
+                    raise TypeError(
+                        f"{type(self.sampler).__name__}.sample must return (dict, dict | None), "
+                        f"got ({type(fine).__name__}, {type(coarse).__name__})."
+                    )
             if self.functionals is None:
+                fine = outputs[0][0]
                 self._setup(fine)
                 shapes = jax.eval_shape(lambda f: self.evaluate(f, None)[0], fine)
                 self._value_shapes = {k: tuple(v.shape[1:]) for k, v in shapes.items()}
@@ -326,7 +334,7 @@ class _Engine:
                     if self.accumulators[lev] is None:
                         self.accumulators[lev] = self._make_acc(role)
             values_f, values_c, finite = self.runner.gather(
-                self.evaluate(fine, coarse if coupled else None)
+                [self.evaluate(f, c if coupled else None) for f, c in outputs]
             )
             finite = np.asarray(finite)[:take]
             values_f = {k: np.asarray(v, np.float64)[:take] for k, v in values_f.items()}
@@ -358,7 +366,7 @@ class _Engine:
                 if coupled:
                     values_c = {k: v[finite] for k, v in values_c.items()}
             self.accumulators[level].update(values_f, values_c if coupled else None)
-            self._store(level, fine, take, finite)
+            self._store(level, [f for f, _ in outputs], take, finite)
             self.after_batch(level)
             if self.bar is not None:
                 self.bar.update(int(finite.sum()))
@@ -368,7 +376,7 @@ class _Engine:
     def after_batch(self, level):
         """Hook after each merged batch (`_run_checkpoint.ResumableEngine` saves here)."""
 
-    def _store(self, level, fine, take, finite):
+    def _store(self, level, fine_chunks, take, finite):
         room = self.max_stored_draws - sum(
             a.shape[0] for a in self.stored.get(level, {}).get("__first__", [])
         )
@@ -378,7 +386,7 @@ class _Engine:
         rows = np.nonzero(finite)[0][:room]
         if rows.size == 0:
             return
-        for site, value in self.runner.gather(fine).items():
+        for site, value in self.runner.gather(fine_chunks).items():
             store.setdefault(site, []).append(np.asarray(value)[:take][rows])
         store["__first__"].append(rows)
 
@@ -521,6 +529,7 @@ def _make_engine(
         on_nonfinite=estimator.on_nonfinite,
         progress_bar=progress_bar,
         devices=estimator.devices,
+        chunk_size=estimator.chunk_size,
         description=description,
     )
 
@@ -687,9 +696,10 @@ class MLMC:
         max_level: the finest level allowed; if the bias test still fails there the result says
             so (`result.converged`) and a warning is raised.
         theta: share of `rmse^2` given to the variance (`theta eps^2`); the bias gets the rest.
-        batch_size: draws per device call; remainders are drawn in batches of
-            `batch_size / 4` and `batch_size / 16`, so padding wastes fewer than
-            `batch_size / 16` draws per top-up and only three shapes compile per level.
+        batch_size: draws per batch (one host round: sample, evaluate, merge); remainders are
+            drawn in batches of `batch_size / 4` and `batch_size / 16`, so padding wastes
+            fewer than `batch_size / 16` draws per top-up (plus fewer than one per chunk) and
+            only three shapes compile per level.
         pilot_samples: draws per level in the pilot and the least number on any level.
         min_num_levels: levels `l0 .. l0 + min_num_levels - 1` are sampled from the start
             (Giles' `Lmin + 1`, default 3).
@@ -698,12 +708,18 @@ class MLMC:
         max_stored_draws: finest-level fine draws kept for `to_inference_data` (default 1000).
         on_nonfinite: `"raise"` (default) stops with an error naming the level and the count
             of NaN/inf draws; `"discard"` drops them, reports the count and warns.
-        devices: `None` (default) shards every batch over all local devices
-            (`jax.local_devices()`) along a 1-D mesh; an int `n` uses the first `n`, or pass a
-            list of devices. Results do not depend on it (bit for bit when a path's arithmetic
-            does not depend on the number of rows computed together, else to float32 rounding,
-            as for `batch_size`). Under `jax.distributed.initialize` each process also draws
-            its share of every batch (`numpyro_mlmc._sharding`).
+        devices: `None` (default) spreads every batch over all local devices
+            (`jax.local_devices()`); an int `n` uses the first `n`, or pass a list of devices.
+            Under `jax.distributed.initialize` each process also draws its share of every
+            batch (`numpyro_mlmc._sharding`).
+        chunk_size: most rows per sampler call (default 64). A batch runs as
+            `ceil(B / chunk_size)` equal chunks, handed round-robin to the devices; the chunk
+            shape depends on the batch size and `chunk_size` only, so with the same key the
+            result is bit-identical whatever the number of devices or processes. `None` runs
+            each batch as one chunk per device (fewer, larger calls, e.g. to fill a large
+            GPU): results then change with the device count at float32 rounding level, since
+            XLA rounds a row differently depending on how many rows it computes together.
+            Larger chunks use more memory per device.
 
     The estimate does not depend on `batch_size` (up to float32 rounding) as long as the key's
     draws do not depend on how keys are batched under `vmap`: true of JAX's default threefry
@@ -725,6 +741,7 @@ class MLMC:
         max_stored_draws: int = 1000,
         on_nonfinite: str = "raise",
         devices=None,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ):
         self.sampler = sampler
         self.refinement = _check_int("refinement", refinement, 2)
@@ -746,6 +763,7 @@ class MLMC:
             raise ValueError(f"on_nonfinite must be 'raise' or 'discard', got {on_nonfinite!r}.")
         self.on_nonfinite = on_nonfinite
         self.devices = None if devices is None else resolve_devices(devices)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def run(
         self,
@@ -1023,7 +1041,8 @@ class MonteCarlo:
         theta: the variance budget is `theta rmse^2` as in MLMC (default 0.5), so both spend the
             same on statistical error; plain MC has no estimate of its discretisation bias
             (`bias_estimate` is nan), so choose `num_steps` large enough.
-        batch_size, pilot_samples, max_stored_draws, on_nonfinite, devices: as for `MLMC`.
+        batch_size, pilot_samples, max_stored_draws, on_nonfinite, devices, chunk_size: as
+            for `MLMC`.
     """
 
     def __init__(
@@ -1039,6 +1058,7 @@ class MonteCarlo:
         max_stored_draws: int = 1000,
         on_nonfinite: str = "raise",
         devices=None,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ):
         if (num_steps is None) == (level is None):
             raise ValueError("pass exactly one of num_steps=... and level=....")
@@ -1068,6 +1088,7 @@ class MonteCarlo:
             raise ValueError(f"on_nonfinite must be 'raise' or 'discard', got {on_nonfinite!r}.")
         self.on_nonfinite = on_nonfinite
         self.devices = None if devices is None else resolve_devices(devices)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def run(
         self,

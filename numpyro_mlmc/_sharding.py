@@ -1,21 +1,42 @@
-"""Batches of independent paths spread over devices, and over processes.
+"""Batches of independent paths spread over devices, and over processes, in fixed-size chunks.
 
-One batch of `B` draws is one array of `B` PRNG keys. `BatchRunner` pads `B` up to a multiple
-of (processes x local devices), gives each process a contiguous slice of the keys and lays that
-slice over the process's devices with a `NamedSharding` on a 1-D `Mesh` (axis `"batch"`). The
-sampler's jitted, vmapped computation is then partitioned along the batch axis by XLA; every
-path still depends on its own key only, and the host sees the whole batch in key order.
+One batch of `B` draws is one array of `B` PRNG keys. `BatchRunner` cuts it into equal chunks
+of at most `chunk_size` rows (`layout`): `n = ceil(B / chunk_size)` chunks of
+`ceil(B / n)` rows, `n` rounded up to a multiple of the process count, the last rows padding.
+Each process takes a contiguous run of the chunks and hands them round-robin to its devices;
+every chunk is one ordinary call of the sampler on one device (a key array committed to that
+device), and JAX's asynchronous dispatch runs the devices' chunks at the same time. The host
+then sees the whole batch in key order, padding rows dropped.
 
-Determinism: the batches the engine draws (their sizes and order) do not depend on the device
-count, padding rows are dropped, and each row is a function of its key, so the same key gives
-the same accumulators on 1 or 4 devices, and on 1 or 2 processes (`tests/test_sharding.py`,
-`tests/test_distributed.py`). This relies on XLA computing a row of a batched computation the
-same way whatever the batch size per device, which holds for the elementwise and matrix
-operations used here on CPU; a backend whose reductions depend on the batch size would break
-it at float rounding level, not in distribution.
+Determinism. The batches the engine draws (their sizes and order) do not depend on the device
+count, and neither does the chunk layout, which depends on `B` and `chunk_size` only. So with
+the same key every chunk is computed by the same compiled program, on the same shape, whichever
+device or process runs it, and MLMC / Monte Carlo results are bit-identical on 1 or 4 devices
+and on 1 or 2 processes (`tests/test_sharding.py`, `tests/test_distributed.py`), for diffusion
+samplers with matrix products, reductions and convolutions as well as elementwise ones.
+Two simpler layouts do not give this on XLA's CPU backend (checked with jax 0.10):
+  * one computation sharded along the batch axis (`NamedSharding`, or `shard_map`): XLA
+    compiles a partitioned program, which its simplifier and fusion passes optimise differently
+    from the single-device program (e.g. a division by a broadcast value becomes a product by
+    its reciprocal in one and not the other), so rows round differently even where each device
+    computes as many rows as the single device would;
+  * the same program on `B / devices` rows per device: a row's rounding depends on how many
+    rows are computed together for some operations (dot products against 256 x 256 weights
+    differ between 64 and 16 rows; with one row the batch axis is dropped and reductions and
+    small products are vectorised differently).
+Cost of the chunks: XLA compiles a program for one device, so the first batch of each chunk
+shape compiles the sampler once per device that runs a chunk of it (later batches reuse them);
+and a chunk of 64 rows computes fewer rows at a time than a whole batch would on one device
+(the throughput this costs on CPU is measured in `benchmarks/README.md`).
+
+`chunk_size=None` keeps the whole batch in one computation sharded along a 1-D `Mesh` of the
+local devices (`NamedSharding`, axis `"batch"`; `ceil(B / (devices x processes))` rows per
+device), compiled once for all devices: fewer, larger calls, but results then depend on the
+device count at float32 rounding level (never in distribution). Key derivation is integer
+arithmetic and exact in every layout.
 
 Across processes (`jax.distributed.initialize`) the engine does not reduce moment sums: each
-process evaluates the functionals on its slice and the per-draw values (device dtype) are
+process evaluates the functionals on its chunks and the per-draw values (device dtype) are
 all-gathered with a JAX collective (`multihost_utils.process_allgather`), so every process
 merges the same values in the same order into identical float64 accumulators. The result is
 then bit-identical to a single-process run, and all processes take identical adaptive
@@ -25,18 +46,29 @@ functionals)` numbers per batch, small against the hundreds of network evaluatio
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["BatchRunner", "resolve_devices"]
+__all__ = ["BatchRunner", "DEFAULT_CHUNK_SIZE", "check_chunk_size", "resolve_devices"]
 
-AXIS = "batch"
+# Rows per sampler call by default. Every chunk has the same shape whatever the device count
+# (see the module docstring); 64 rows keep per-call overheads small against a reverse path of
+# many steps on CPU (benchmarks/README.md) and fill four devices from a batch of 256.
+DEFAULT_CHUNK_SIZE = 64
+
+
+def check_chunk_size(chunk_size):
+    """`None` or an int >= 1."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (rows per device call), got {chunk_size}.")
+    return int(chunk_size)
 
 
 def resolve_devices(devices=None) -> list:
@@ -80,64 +112,108 @@ def resolve_devices(devices=None) -> list:
     return devices
 
 
+@jax.jit
 def _fold_in_indices(level_key, indices):
     return jax.vmap(lambda i: jr.fold_in(level_key, i))(indices)
 
 
-@functools.lru_cache(maxsize=32)
-def _keys_function(sharding):
-    """One jitted key maker per sharding, so runs after the first do not recompile it."""
-    return jax.jit(_fold_in_indices, out_shardings=sharding)
-
-
 class BatchRunner:
-    """Where a batch of keyed draws runs: the local devices of this process, and this
-    process's share when several processes work together (`jax.process_count() > 1`).
+    """Where a batch of keyed draws runs: fixed-size chunks on the local devices of this
+    process, and this process's share of the chunks when several processes work together
+    (`jax.process_count() > 1`).
 
     Args:
         devices: as for `resolve_devices`.
+        chunk_size: most rows per sampler call (default `DEFAULT_CHUNK_SIZE`); `None` for
+            `ceil(B / (devices x processes))` rows, which depends on the device count.
     """
 
-    def __init__(self, devices=None):
+    def __init__(self, devices=None, chunk_size=DEFAULT_CHUNK_SIZE):
         self.devices = resolve_devices(devices)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.process_index = jax.process_index()
         self.process_count = jax.process_count()
-        self.mesh = Mesh(np.array(self.devices), (AXIS,))
-        self.sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
-        self._keys = _keys_function(self.sharding)
+        # chunk_size=None: one computation per batch, sharded along a 1-D mesh of the devices
+        self.sharding = NamedSharding(
+            Mesh(np.array(self.devices), ("batch",)), PartitionSpec("batch")
+        )
 
     @property
     def num_devices(self) -> int:
         return len(self.devices)
 
-    @property
-    def multiple(self) -> int:
-        """Batch shapes are padded up to a multiple of this."""
-        return self.num_devices * self.process_count
+    def layout(self, size: int) -> tuple[int, int]:
+        """`(rows, chunks)`: a batch of `size` draws runs as `chunks` calls of `rows` rows
+        (`rows x chunks >= size`, `chunks` a multiple of the process count). With a
+        `chunk_size`, both depend on `size` and `chunk_size` only (and `chunks` on the process
+        count through padding chunks, which are dropped)."""
+        size = int(size)
+        if size < 1:
+            raise ValueError(f"a batch needs at least one draw, got {size}.")
+        if self.chunk_size is None:
+            chunks = self.num_devices * self.process_count
+            return -(-size // chunks), chunks
+        chunks = -(-size // self.chunk_size)
+        rows = -(-size // chunks)
+        chunks = -(-chunks // self.process_count) * self.process_count
+        return rows, chunks
 
     def padded(self, size: int) -> int:
-        return int(math.ceil(size / self.multiple) * self.multiple)
+        """Rows actually computed for a batch of `size` draws (padding included)."""
+        rows, chunks = self.layout(size)
+        return rows * chunks
 
-    def keys(self, level_key, start: int, size: int):
-        """This process's share of the keys `fold_in(level_key, i)`, `i = start .. start +
-        size - 1` (`size` a multiple of `multiple`), sharded over the local devices."""
-        share = size // self.process_count
-        first = start + self.process_index * share
-        indices = np.arange(first, first + share, dtype=np.uint32)
-        return self._keys(level_key, jnp.asarray(indices))
+    def _local_chunks(self, size):
+        rows, chunks = self.layout(size)
+        share = chunks // self.process_count
+        first = self.process_index * share
+        return rows, range(first, first + share)
 
-    def put(self, array):
-        """Shard a local array of `B` rows (`B` a multiple of `num_devices`) over the devices."""
-        return jax.device_put(array, self.sharding)
+    def keys(self, level_key, start: int, size: int) -> list:
+        """This process's chunks of the keys `fold_in(level_key, i)`, `i = start .. start +
+        padded(size) - 1`, in key order: one key array of `rows` rows per chunk, committed to
+        the device that computes it (local chunk `j` on local device `j % num_devices`)."""
+        rows, local = self._local_chunks(size)
+        if self.chunk_size is None:  # one key array over this process's devices
+            first = start + local[0] * rows
+            indices = np.arange(first, first + rows * len(local), dtype=np.uint32)
+            return [_fold_in_indices(level_key, jax.device_put(indices, self.sharding))]
+        out = []
+        for j, c in enumerate(local):
+            first = start + c * rows
+            indices = np.arange(first, first + rows, dtype=np.uint32)
+            device = self.devices[j % self.num_devices]
+            out.append(_fold_in_indices(level_key, jax.device_put(indices, device)))
+        return out
 
-    def gather(self, tree):
-        """Host numpy copy of a pytree of per-draw arrays in key order: this process's rows
-        when alone, every process's rows (all-gathered, in process order) otherwise."""
+    def split(self, array) -> list:
+        """This process's chunks of a batch given as an array of `size` rows (e.g. keys),
+        padded to `padded(size)` rows by repeating its last row, each chunk committed to its
+        device."""
+        size = array.shape[0]
+        rows, local = self._local_chunks(size)
+        pad = self.padded(size) - size
+        if pad:
+            array = jnp.concatenate([array, jnp.repeat(array[-1:], pad, axis=0)])
+        if self.chunk_size is None:
+            mine = array[local[0] * rows : (local[-1] + 1) * rows]
+            return [jax.device_put(mine, self.sharding)]
+        return [
+            jax.device_put(array[c * rows : (c + 1) * rows], self.devices[j % self.num_devices])
+            for j, c in enumerate(local)
+        ]
+
+    def gather(self, chunks):
+        """Host numpy copy, in key order, of a list of pytrees of per-draw arrays (this
+        process's chunks, as from `keys`): this process's rows when alone, every process's rows
+        (all-gathered, in process order) otherwise."""
+        local = jax.tree_util.tree_map(
+            lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *chunks
+        )
         if self.process_count == 1:
-            return jax.tree_util.tree_map(np.asarray, tree)
+            return local
         from jax.experimental import multihost_utils
 
-        local = jax.tree_util.tree_map(np.asarray, tree)
         return jax.tree_util.tree_map(
             np.asarray, multihost_utils.process_allgather(local, tiled=True)
         )
