@@ -26,8 +26,12 @@ Two simpler layouts do not give this on XLA's CPU backend (checked with jax 0.10
     small products are vectorised differently).
 Cost of the chunks: XLA compiles a program for one device, so the first batch of each chunk
 shape compiles the sampler once per device that runs a chunk of it (later batches reuse them);
-and a chunk of 64 rows computes fewer rows at a time than a whole batch would on one device
-(the throughput this costs on CPU is measured in `benchmarks/README.md`).
+and a chunk computes fewer rows at a time than a whole batch would, which on one multi-core
+CPU device loses some intra-op parallelism (for a batch of 512 reverse paths on a 2-core CPU,
+chunks of 64 rows gave 0.4-0.65 of the NFE/s of one 512-row call for a 64-D Gaussian-mixture
+score and an `MLPScoreNet` of width 256; chunks of 256, 0.66-1.0). Where throughput on one
+device matters more than identical results across device counts, pass a larger `chunk_size`
+or `None`.
 
 `chunk_size=None` keeps the whole batch in one computation sharded along a 1-D `Mesh` of the
 local devices (`NamedSharding`, axis `"batch"`; `ceil(B / (devices x processes))` rows per
@@ -55,8 +59,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 __all__ = ["BatchRunner", "DEFAULT_CHUNK_SIZE", "check_chunk_size", "resolve_devices"]
 
 # Rows per sampler call by default. Every chunk has the same shape whatever the device count
-# (see the module docstring); 64 rows keep per-call overheads small against a reverse path of
-# many steps on CPU (benchmarks/README.md) and fill four devices from a batch of 256.
+# (see the module docstring); 64 rows fill four devices from a batch of 256 and eight from the
+# default batch of 512.
 DEFAULT_CHUNK_SIZE = 64
 
 
