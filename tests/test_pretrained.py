@@ -90,7 +90,7 @@ def test_digits_prior_beats_gmm_denoiser_on_held_out_digits():
     """Acceptance: held-out denoising MSE below the GMM's exact denoiser at most of 4 levels.
 
     The difference of the two MSEs on the same noisy images has a standard error of about
-    1e-4 at these sizes (benchmarks/results/pretrained_quality.json records both); "beats"
+    1e-4 at these sizes (benchmarks/results/pretrained_quality_digits.json records both); "beats"
     means strictly lower MSE on the same draws.
     """
     from numpyro_mlmc._data import load_digits_images
