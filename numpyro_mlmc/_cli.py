@@ -19,6 +19,10 @@ _COMMANDS = {
         "numpyro_mlmc._train_cli",
         "Train a diffusion prior (digits or patches16) by denoising score matching.",
     ),
+    "bench": (
+        "numpyro_mlmc._bench",
+        "Benchmark MLMC against plain MC on denoising, super-resolution, inpainting, deblurring.",
+    ),
 }
 
 

@@ -246,11 +246,37 @@ def reverse_path(
     equals the fine path of `coupled_reverse_paths` with the same key. Returns the end state."""
 
     def body(k, x):
-        z = _step_noise(key, k, x.shape, x.dtype)
-        return sampler.step(model, x, times[k], times[k + 1], z)
+        return path_step(sampler, model, x, times, k, key)
 
     n = times.shape[0] - 1 if num_steps is None else num_steps
     return jax.lax.fori_loop(0, n, body, x_start)
+
+
+def path_step(sampler, model, x, times, k, key):
+    """Step `k` of `reverse_path` (from `times[k]` to `times[k + 1]`, noise index `k`)."""
+    z = _step_noise(key, k, x.shape, x.dtype)
+    return sampler.step(model, x, times[k], times[k + 1], z)
+
+
+def coupled_block(sampler, model, x_fine, x_coarse, fine_times, j, refinement: int, key):
+    """Coarse step `j` of `coupled_reverse_paths`: `refinement` fine steps and the coarse step
+    driven by their reweighted increments. Returns `(x_fine, x_coarse)`."""
+    m = int(refinement)
+    taus = jax.lax.dynamic_slice_in_dim(fine_times, j * m, m + 1)
+    x, eta, var = x_fine, jnp.zeros_like(x_fine), jnp.zeros((), x_fine.dtype)
+    for i in range(m):
+        z = _step_noise(key, j * m + i, x.shape, x.dtype)
+        t, s = taus[i], taus[i + 1]
+        x = sampler.step(model, x, t, s, z)
+        if sampler.stochastic:
+            c, std = sampler.noise_coefficients(model, t, s)
+            eta = c * eta + std * z
+            var = c**2 * var + std**2
+    # A step onto sigma = 0 adds no noise (var = 0); guard the 0 / 0.
+    safe_var = jnp.where(var > 0, var, 1.0)
+    z_coarse = jnp.where(var > 0, eta / jnp.sqrt(safe_var), 0.0)
+    x_coarse = sampler.step(model, x_coarse, taus[0], taus[m], z_coarse)
+    return x, x_coarse
 
 
 def coupled_reverse_paths(
@@ -279,26 +305,6 @@ def coupled_reverse_paths(
             )
 
     def coarse_body(j, carry):
-        x_fine, x_coarse = carry
-        taus = jax.lax.dynamic_slice_in_dim(fine_times, j * m, m + 1)
-
-        def fine_body(i, inner):
-            x, eta, var = inner
-            z = _step_noise(key, j * m + i, x.shape, x.dtype)
-            t, s = taus[i], taus[i + 1]
-            x = sampler.step(model, x, t, s, z)
-            if sampler.stochastic:
-                c, std = sampler.noise_coefficients(model, t, s)
-                eta = c * eta + std * z
-                var = c**2 * var + std**2
-            return x, eta, var
-
-        init = (x_fine, jnp.zeros_like(x_fine), jnp.zeros((), x_fine.dtype))
-        x_fine, eta, var = jax.lax.fori_loop(0, m, fine_body, init)
-        # A step onto sigma = 0 adds no noise (var = 0); guard the 0 / 0.
-        safe_var = jnp.where(var > 0, var, 1.0)
-        z_coarse = jnp.where(var > 0, eta / jnp.sqrt(safe_var), 0.0)
-        x_coarse = sampler.step(model, x_coarse, taus[0], taus[m], z_coarse)
-        return x_fine, x_coarse
+        return coupled_block(sampler, model, *carry, fine_times, j, m, key)
 
     return jax.lax.fori_loop(0, num_steps // m, coarse_body, (x_start, x_start))

@@ -373,3 +373,43 @@ def test_bad_input_errors():
         nm.DiffusionPrior(
             ident, event_shape=(2,), parametrization="v", schedule=nm.VESchedule()
         ).score_model()
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_host_and_device_step_loops_agree(sampler):
+    """`loop="host"` (a Python loop over compiled steps, the CPU default for networks) and
+    `loop="device"` (one `fori_loop` program) take the same steps with the same noise."""
+    from numpyro_mlmc._diffusion import resolve_loop
+
+    net = nm.nets.MLPScoreNet((6,), width=32, num_layers=2, key=jr.key(3))
+    prior = nm.DiffusionPrior(net, event_shape=(6,))
+    base = nm.ReverseDiffusion(
+        model=prior.score_model(),
+        sampler=nm._solvers.get_sampler(sampler),
+        x_start_mean=jnp.zeros(6),
+        x_start_std=1.0,
+        event_shape=(6,),
+        t_start=1.0,
+    )
+    assert resolve_loop("auto", base.model) == "host"  # tests run on the CPU backend
+    gmm = gmm_2d()
+    assert resolve_loop("auto", gmm.score_model()) == "device"
+    device = nm.ReverseDiffusion(**{**_fields(base), "loop": "device"})
+    host = nm.ReverseDiffusion(**{**_fields(base), "loop": "host"})
+    keys = jr.split(jr.key(0), 5)
+    np.testing.assert_allclose(host.sample(keys, 12), device.sample(keys, 12), atol=2e-5)
+    pairs = zip(host.sample_coupled(keys, 12, 2), device.sample_coupled(keys, 12, 2), strict=True)
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    # the fine path of a coupled pair is the uncoupled path of the same key
+    np.testing.assert_allclose(
+        host.sample_coupled(keys, 12, 2)[0], host.sample(keys, 12), atol=2e-5
+    )
+    with pytest.raises(ValueError, match="loop must be one of"):
+        nm.ReverseDiffusion(**{**_fields(base), "loop": "gpu"})
+
+
+def _fields(diffusion):
+    import dataclasses
+
+    return {f.name: getattr(diffusion, f.name) for f in dataclasses.fields(diffusion)}
