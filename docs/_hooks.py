@@ -29,7 +29,8 @@ from pathlib import Path
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURE_DIRS = ("benchmarks/results",)
+FIGURE_DIRS = ("benchmarks/results", "benchmarks/results/suite")
+MATHJAX_DEST = "assets/mathjax"
 _FIGURE = re.compile(r"<!--\s*figure:\s*(.+?)\s*\|\s*(.+?)\s*\|\s*(.+?)\s*-->")
 _OTHER = re.compile(r"<!--\s*other-figures:\s*(\S+)\s*-->")
 _CARDS = re.compile(r"<!--\s*model-cards\s*-->")
@@ -83,7 +84,22 @@ def on_files(files, config):
             rel = path.relative_to(ROOT).as_posix()
             if files.get_file_from_path(rel) is None:
                 files.append(File(rel, str(ROOT), config["site_dir"], config["use_directory_urls"]))
+    _add_mathjax(files, config)
     return files
+
+
+def _add_mathjax(files, config):
+    """Copy MathJax 2 (from the `jupyter-server-mathjax` package, in the `docs` extra) into the
+    site under `assets/mathjax/`, so formulas render with no script from the network. PNG
+    fallback fonts are left out (browsers use the web fonts)."""
+    import jupyter_server_mathjax
+
+    static = Path(jupyter_server_mathjax.__file__).resolve().parent / "static"
+    for path in sorted(static.rglob("*")):
+        rel = path.relative_to(static).as_posix()
+        if path.is_dir() or "/png/" in f"/{rel}" or rel == "LICENSE":
+            continue
+        files.append(File.generated(config, f"{MATHJAX_DEST}/{rel}", abs_src_path=str(path)))
 
 
 def _link(page, target: str) -> str:
