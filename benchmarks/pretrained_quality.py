@@ -16,6 +16,8 @@ For each prior (a shipped name or a checkpoint directory via `--checkpoint`):
   the fraction with top-class probability >= 0.8 (and the same for held-out real digits as a
   reference). Memorisation: Euclidean distance of each draw to its nearest training digit,
   against the same for held-out real digits.
+- **patches16 only**: 64 draws; fractions of flat (pixel std < 0.02) and saturated (mean
+  beyond +-0.9) draws, against the same for the held-out patches.
 - A sample grid PNG (`--grid`).
 
 Writes JSON to `benchmarks/results/pretrained_quality_<dataset>.json`.
@@ -82,6 +84,23 @@ def denoising_table(net_model, gmm_model, schedule, images, ratios, seed, batch=
             flush=True,
         )
     return rows
+
+
+def flatness(x, flat_std=0.02, saturated=0.9):
+    """Fractions of flat images (pixel std < `flat_std`) and of saturated ones (mean below
+    `-saturated` or above `saturated`): the failure mode of an under-trained patch prior."""
+    x = np.asarray(x).reshape(len(x), -1)
+    mean, std = x.mean(1), x.std(1)
+    return {
+        "count": int(len(x)),
+        f"fraction_std_below_{flat_std}": float(np.mean(std < flat_std)),
+        f"fraction_mean_below_-{saturated}": float(np.mean(mean < -saturated)),
+        f"fraction_mean_above_{saturated}": float(np.mean(mean > saturated)),
+        "fraction_flat_and_saturated": float(
+            np.mean((std < flat_std) & (np.abs(mean) > saturated))
+        ),
+        "median_pixel_std": float(np.median(std)),
+    }
 
 
 def save_grid(samples, path, title, ncols=10):
@@ -206,6 +225,13 @@ def main(argv=None):
         samples = np.asarray(
             prior.sample_reverse(jr.PRNGKey(args.seed + 1), (64,), num_steps=args.num_steps)
         )
+        out["samples"] = {
+            "num_samples": 64,
+            "sampler": f"ancestral, {args.num_steps} uniform steps, from t=1",
+            "draws": flatness(samples),
+            "held_out_patches": flatness(images),
+        }
+        print(f"  samples: {out['samples']}", flush=True)
     grid = Path(args.grid) if args.grid else CARDS / f"{args.dataset}_samples.png"
     grid.parent.mkdir(parents=True, exist_ok=True)
     save_grid(
