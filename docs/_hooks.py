@@ -36,6 +36,7 @@ _OTHER = re.compile(r"<!--\s*other-figures:\s*(\S+)\s*-->")
 _CARDS = re.compile(r"<!--\s*model-cards\s*-->")
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 _TABLE = re.compile(r"<!--\s*mlmc-vs-mc-table:\s*(\S+)\s*-->")
+_SUITE = re.compile(r"<!--\s*bench-suite:\s*(\S+)\s*-->")
 
 
 def _fmt(value, spec):
@@ -106,8 +107,25 @@ def _link(page, target: str) -> str:
     return posixpath.relpath(target, posixpath.dirname(page.file.src_uri) or ".")
 
 
+def _suite(page, folder: str) -> str:
+    """The suite's ratio table (`summary.md`) and one figure per problem, or a note."""
+    root = ROOT / folder
+    summary = root / "summary.md"
+    if not summary.is_file():
+        return (
+            '!!! note "The benchmark suite has not been run in this build"\n'
+            f"    `numpyro-mlmc bench` writes `{folder}/summary.md` and one figure per problem.\n"
+        )
+    parts = [summary.read_text()]
+    for png in sorted(root.glob("*.png")):
+        rel = png.relative_to(ROOT).as_posix()
+        parts.append(f"![{png.stem}]({_link(page, rel)})\n\n`{png.stem}` (`{rel}`)")
+    return "\n\n".join(parts)
+
+
 def on_page_markdown(markdown, page, config, files):
     named = set()
+    markdown = _SUITE.sub(lambda m: _suite(page, m.group(1)), markdown)
 
     def figure(match):
         path, caption, command = match.groups()
