@@ -29,7 +29,11 @@ from pathlib import Path
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURE_DIRS = ("benchmarks/results", "benchmarks/results/suite")
+FIGURE_DIRS = (
+    "benchmarks/results",
+    "benchmarks/results/suite",
+    "benchmarks/results/suite-ancestral",
+)
 MATHJAX_DEST = "assets/mathjax"
 _FIGURE = re.compile(r"<!--\s*figure:\s*(.+?)\s*\|\s*(.+?)\s*\|\s*(.+?)\s*-->")
 _OTHER = re.compile(r"<!--\s*other-figures:\s*(\S+)\s*-->")
