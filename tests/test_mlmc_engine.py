@@ -212,8 +212,16 @@ def test_bad_input_errors():
 
 
 def test_nonfinite_draws_stop_with_level_and_count():
+    # the fake sampler spoils row 3 of every call: one call per batch (chunk_size=None) makes
+    # that one draw per 128-draw pilot batch; 64-row chunks would make it two
     with pytest.raises(FloatingPointError, match=r"level 2 produced 1 non-finite"):
-        nm.MLMC(_NaNAtLevel(2), min_level=0).run(key(7), rmse=0.01, progress_bar=False)
+        nm.MLMC(_NaNAtLevel(2), min_level=0, chunk_size=None).run(
+            key(7), rmse=0.01, progress_bar=False
+        )
+    with pytest.raises(FloatingPointError, match=r"level 2 produced 2 non-finite"):
+        nm.MLMC(_NaNAtLevel(2), min_level=0, chunk_size=64).run(
+            key(7), rmse=0.01, progress_bar=False
+        )
     with pytest.warns(RuntimeWarning, match="discarded"):
         r = nm.MLMC(_NaNAtLevel(2), min_level=0, on_nonfinite="discard").run(
             key(7), rmse=0.01, progress_bar=False
