@@ -145,8 +145,6 @@ class Problem:
 
     name: str
     dataset: str
-    sampler: str
-    spacing: str
     prior: str
     task: str
     noise_std: float
@@ -208,8 +206,6 @@ def build_problem(
     return Problem(
         name=name,
         dataset=dataset,
-        sampler=kernel.sampler.__class__.__name__,
-        spacing=kernel.spacing,
         prior=prior_kind,
         task=task,
         noise_std=sigma,
