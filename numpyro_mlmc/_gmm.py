@@ -5,7 +5,8 @@ For `x_0 ~ sum_k w_k N(mu_k, Sigma_k)` the diffused law is again a mixture,
     p_t = sum_k w_k N(alpha_t mu_k, alpha_t^2 Sigma_k + sigma_t^2 I),
 
 so its score and Tweedie denoiser are exact at every `t`. With `Sigma_k = U_k diag(lam_k) U_k^T`
-factorised once, every time costs `O(K D^2)` per sample. Under a linear-Gaussian likelihood
+factorised once, every time costs `O(K D^2)` per sample (`O(K D r)` for rank-`r`-plus-isotropic
+covariances). Under a linear-Gaussian likelihood
 `y = A x + b + noise` the posterior is again a Gaussian mixture in closed form
 (`GaussianMixturePrior.posterior`). These are the exact answers every sampler, guidance and
 estimator in the library is tested against.
@@ -32,8 +33,18 @@ __all__ = ["GaussianMixturePrior", "GaussianMixtureScoreModel"]
 class GaussianMixtureScoreModel(AbstractScoreModel):
     """Exact score of a diffused Gaussian mixture (flattened `D`-vectors inside).
 
-    Attributes: `log_weights (K,)`, `means (K, D)`, `eigenvectors (K, D, D)` (columns),
-    `eigenvalues (K, D)`, `schedule`, `event_shape`.
+    Each covariance is `Sigma_k = U_k diag(lam_k) U_k^T + c_k (I - U_k U_k^T)` with `U_k`
+    of shape `(D, r)`: either the full eigendecomposition (`r = D`, `isotropic` is `None`) or,
+    for low-rank-plus-isotropic covariances such as `GaussianMixturePrior.fit(rank=...)`, the
+    top `r` eigenpairs and the common variance `c_k` of the other `D - r` directions. With
+    `v = alpha_t^2 lam + sigma_t^2`, `v_c = alpha_t^2 c + sigma_t^2` and `d = x - alpha_t mu_k`,
+
+        (alpha_t^2 Sigma_k + sigma_t^2 I)^{-1} d = U_k (U_k^T d / v) + (d - U_k U_k^T d) / v_c,
+
+    so a score costs `O(K D r)` instead of `O(K D^2)`; both forms are exact.
+
+    Attributes: `log_weights (K,)`, `means (K, D)`, `eigenvectors (K, D, r)` (columns),
+    `eigenvalues (K, r)`, `isotropic (K,)` or `None`, `schedule`, `event_shape`.
     """
 
     log_weights: jax.Array
@@ -42,36 +53,66 @@ class GaussianMixtureScoreModel(AbstractScoreModel):
     eigenvalues: jax.Array
     schedule: AbstractSchedule
     event_shape: tuple[int, ...] = eqx.field(static=True)
+    isotropic: jax.Array | None = None
 
-    def _whitened(self, x, t):
+    def _components(self, x, t):
+        """Per component: `log N(x; alpha mu_k, alpha^2 Sigma_k + sigma^2 I)` without the
+        `-D/2 log 2 pi` constant `(K,)`, and the component scores `(K, D)`."""
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-        flat = x.reshape(-1)
-        diff = flat[None, :] - a * self.means  # (K, D)
+        diff = x.reshape(-1)[None, :] - a * self.means  # (K, D)
         proj = jnp.einsum("kdj,kd->kj", self.eigenvectors, diff)  # U_k^T (x - a mu_k)
-        var = a**2 * self.eigenvalues + s**2  # (K, D)
-        return proj, var
+        var = a**2 * self.eigenvalues + s**2  # (K, r)
+        quad = jnp.sum(proj**2 / var + jnp.log(var), axis=-1)
+        score = jnp.einsum("kdj,kj->kd", self.eigenvectors, proj / var)
+        if self.isotropic is not None:
+            resid = diff - jnp.einsum("kdj,kj->kd", self.eigenvectors, proj)  # (K, D)
+            var_c = (a**2 * self.isotropic + s**2)[:, None]  # (K, 1)
+            rest = diff.shape[-1] - proj.shape[-1]
+            quad = quad + jnp.sum(resid**2 / var_c, axis=-1) + rest * jnp.log(var_c[:, 0])
+            score = score + resid / var_c
+        return -0.5 * quad, -score
 
     def log_density(self, x, t):
         """`log p_t(x)`, exact."""
-        proj, var = self._whitened(x, t)
-        d = proj.shape[-1]
-        comp = -0.5 * jnp.sum(proj**2 / var + jnp.log(var), axis=-1) - 0.5 * d * math.log(
-            2 * math.pi
-        )
-        return logsumexp(self.log_weights + comp)
+        comp, _ = self._components(x, t)
+        d = self.means.shape[-1]
+        return logsumexp(self.log_weights + comp) - 0.5 * d * math.log(2 * math.pi)
 
     def responsibilities(self, x, t):
         """Posterior component probabilities `p(k | x_t = x)`, shape `(K,)`."""
-        proj, var = self._whitened(x, t)
-        comp = -0.5 * jnp.sum(proj**2 / var + jnp.log(var), axis=-1)
+        comp, _ = self._components(x, t)
         return jax.nn.softmax(self.log_weights + comp)
 
     def score(self, x, t):
-        proj, var = self._whitened(x, t)
-        comp = -0.5 * jnp.sum(proj**2 / var + jnp.log(var), axis=-1)
+        comp, per_comp = self._components(x, t)
         resp = jax.nn.softmax(self.log_weights + comp)
-        per_comp = -jnp.einsum("kdj,kj->kd", self.eigenvectors, proj / var)
         return jnp.einsum("k,kd->d", resp, per_comp).reshape(x.shape)
+
+
+# Components lighter than this (normalised weight) are left out of the score model: the law it
+# defines moves by at most their total weight in total variation, far below float32 resolution.
+# Sharp posteriors (`GaussianMixturePrior.posterior`) often leave one or two components.
+NEGLIGIBLE_WEIGHT = 1e-20
+# Eigenvalues within this fraction of a component's largest one of its smallest count as the
+# isotropic floor (fitted `rank + regularization * I` covariances hit it to round-off).
+ISOTROPIC_RTOL = 1e-9
+
+
+def low_rank_split(eigenvalues, eigenvectors, rtol=ISOTROPIC_RTOL):
+    """Split ascending eigenpairs `(K, D)`, `(K, D, D)` into the top-`r` pairs and a common
+    floor per component when at most `D / 2` eigenvalues per component stand above their
+    smallest one (by `rtol` times the largest). Returns `(eigenvalues (K, r), eigenvectors
+    (K, D, r), isotropic (K,))`, or the inputs and `None` when the covariances are not of that
+    form (the floor of a component is the mean of its `D - r` smallest eigenvalues)."""
+    lam = np.asarray(eigenvalues, np.float64)
+    d = lam.shape[-1]
+    tol = rtol * lam[:, -1:]
+    above = np.sum(lam - lam[:, :1] > tol, axis=-1)
+    r = int(above.max())
+    if r > d // 2:
+        return eigenvalues, eigenvectors, None
+    r = max(r, 1)
+    return lam[:, d - r :], np.asarray(eigenvectors)[:, :, d - r :], lam[:, : d - r].mean(-1)
 
 
 def _as_float64(name, value, ndim):
@@ -206,21 +247,28 @@ class GaussianMixturePrior(AbstractDiffusionPrior):
             self.dimension
         )
 
-    def score_model(self) -> GaussianMixtureScoreModel:
+    def score_model(self, *, negligible_weight: float = NEGLIGIBLE_WEIGHT):
+        """The exact diffused score as a `GaussianMixtureScoreModel`. Components of
+        normalised weight below `negligible_weight` (default 1e-20; 0 keeps all) are left out,
+        and low-rank-plus-isotropic covariances are kept in their `O(K D r)` form
+        (`low_rank_split`)."""
         dtype = jnp.zeros(()).dtype
+        keep = self.weights >= negligible_weight * self.weights.max()
+        lam, vec, iso = low_rank_split(self._eigenvalues[keep], self._eigenvectors[keep])
         with np.errstate(divide="ignore"):
-            log_weights = np.log(self.weights)
+            log_weights = np.log(self.weights[keep])
         return GaussianMixtureScoreModel(
             log_weights=jnp.asarray(log_weights, dtype),
-            means=jnp.asarray(self.means, dtype),
-            eigenvectors=jnp.asarray(self._eigenvectors, dtype),
-            eigenvalues=jnp.asarray(self._eigenvalues, dtype),
+            means=jnp.asarray(self.means[keep], dtype),
+            eigenvectors=jnp.asarray(vec, dtype),
+            eigenvalues=jnp.asarray(lam, dtype),
             schedule=self.schedule,
             event_shape=self.event_shape,
+            isotropic=None if iso is None else jnp.asarray(iso, dtype),
         )
 
     def log_prob(self, value):
-        model = self.score_model()
+        model = self.score_model(negligible_weight=0.0)  # exact far from the heavy components
         flat = jnp.reshape(value, (-1, *self.event_shape))
         out = jax.vmap(lambda x: model.log_density(x, 0.0))(flat)
         return out.reshape(jnp.shape(value)[: jnp.ndim(value) - len(self.event_shape)])

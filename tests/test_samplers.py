@@ -319,6 +319,57 @@ def test_gmm_log_prob_and_score_are_exact():
         np.testing.assert_allclose(model.score(jnp.asarray(x[0]), t), g, rtol=1e-4, atol=1e-5)
 
 
+def _full_score_model(prior):
+    """The mixture's score with every component and the full `(K, D, D)` eigenbasis."""
+    return nm.GaussianMixtureScoreModel(
+        log_weights=jnp.log(jnp.asarray(prior.weights, jnp.float32)),
+        means=jnp.asarray(prior.means, jnp.float32),
+        eigenvectors=jnp.asarray(prior._eigenvectors, jnp.float32),
+        eigenvalues=jnp.asarray(prior._eigenvalues, jnp.float32),
+        schedule=prior.schedule,
+        event_shape=prior.event_shape,
+    )
+
+
+def test_gmm_low_rank_score_equals_the_full_form():
+    """`gmm_64d` covariances are rank 8 + 0.05 I: the score model keeps 8 eigenpairs and the
+    floor, and its log density and score equal the full-eigenbasis form at every time."""
+    prior = gmm_64d()
+    low, full = prior.score_model(), _full_score_model(prior)
+    assert low.eigenvectors.shape == (5, 64, 8)
+    np.testing.assert_allclose(low.isotropic, 0.05, rtol=1e-6)
+    x = prior.sample(jr.key(0), (3,))
+    for t in (0.01, 0.2, 0.9):
+        for xi in x:
+            np.testing.assert_allclose(low.score(xi, t), full.score(xi, t), rtol=2e-4, atol=2e-4)
+            np.testing.assert_allclose(
+                low.log_density(xi, t), full.log_density(xi, t), rtol=1e-5, atol=1e-4
+            )
+    # a full-rank covariance keeps the full form
+    assert gaussian(3).score_model().isotropic is None
+
+
+def test_gmm_score_model_drops_only_negligible_components():
+    """A posterior that leaves one component at weight ~1e-30 scores without it (same score
+    near the heavy modes); `log_prob` keeps every component."""
+    prior = gmm_64d()
+    heavy = prior.weights.copy()
+    heavy[0] = 1e-30
+    sharp = nm.GaussianMixturePrior(heavy, prior.means, prior.covariances, event_shape=(8, 8))
+    model = sharp.score_model()
+    assert model.means.shape[0] == 4
+    assert sharp.score_model(negligible_weight=0.0).means.shape[0] == 5
+    x = prior.sample(jr.key(1), (4,))
+    full = _full_score_model(sharp)
+    for xi in x:
+        np.testing.assert_allclose(model.score(xi, 0.3), full.score(xi, 0.3), rtol=2e-4, atol=2e-4)
+    near_dropped = jnp.asarray(prior.means[0].reshape(8, 8), jnp.float32)
+    assert np.isfinite(float(sharp.log_prob(near_dropped)))
+    np.testing.assert_allclose(
+        sharp.log_prob(near_dropped), full.log_density(near_dropped, 0.0), rtol=1e-5
+    )
+
+
 def test_gmm_posterior_single_gaussian_closed_form():
     prior = gaussian(3)
     a = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])
