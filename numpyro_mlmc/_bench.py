@@ -11,10 +11,11 @@ For each problem (`_bench_problems.py`) and each target RMSE `eps` (loosest firs
    alpha, beta, gamma, the per-level table, and for GMM priors the realised RMSE of every
    estimate against the closed-form posterior.
 
-Wall-clock: the first eps of each problem is run twice and only the second run is timed, so
-compilation (one per batch shape: the reverse-diffusion grids are padded to one bucket with a
-traced step count) is not timed; JAX's compile-time events are summed during every timed run
-and reported (`compile_s`, expected 0), and subtracted.
+Wall-clock: before a problem's first eps every batch shape is drawn once at levels 0-1,
+untimed (`_warm_up`), so compilation (one per batch shape: the reverse-diffusion grids are
+padded to one bucket with a traced step count, or stepped by level-independent jitted steps)
+is not timed; JAX's compile-time events are summed during every timed run and reported
+(`compile_s`, expected 0), and subtracted.
 
 Outputs under `--out` (default `benchmarks/results/suite`): for each problem
 `<problem>.json` (deterministic: the same seed gives the same file, byte for byte),
@@ -38,25 +39,25 @@ import numpy as np
 from ._bench_problems import DATASETS, PRIORS, TASKS, build_problem, problem_name
 
 # Target RMSEs per problem. Quick: every digits problem at one loose eps (<= 5 min on 2 CPU
-# cores). Full (<= 60 min on 2 cores): GMM problems at eps where measured MC takes at most a few
-# minutes; network problems at the eps a CPU affords (a UNet evaluation costs ~1.3 ms here,
-# against ~15-50 us for a GMM score).
+# cores). Full (<= 60 min on 2 cores): GMM problems down to the eps where MLMC's levels reach
+# 256-512 steps and measured MC takes at most about two minutes; network problems at the eps a
+# CPU affords (a UNet evaluation costs ~1-4 ms here, against ~2-15 us for a GMM score).
 QUICK_EPS = {
     "digits-gmm-denoise": (4e-3,),
     "digits-gmm-superres": (2e-3,),
-    "digits-gmm-inpaint": (2e-3,),
-    "digits-gmm-deblur": (2e-3,),
+    "digits-gmm-inpaint": (1e-3,),
+    "digits-gmm-deblur": (1e-3,),
     "digits-network-denoise": (4e-2,),
 }
 FULL_EPS = {
     "digits-gmm-denoise": (8e-3, 4e-3, 2e-3),
-    "digits-gmm-superres": (4e-3, 2e-3, 1e-3),
-    "digits-gmm-inpaint": (4e-3, 2e-3, 1e-3),
-    "digits-gmm-deblur": (4e-3, 2e-3, 1e-3),
-    "patches16-gmm-denoise": (8e-3, 4e-3),
-    "patches16-gmm-superres": (4e-3, 2e-3),
-    "patches16-gmm-inpaint": (4e-3, 2e-3),
-    "patches16-gmm-deblur": (4e-3, 2e-3),
+    "digits-gmm-superres": (2e-3, 1e-3, 5e-4),
+    "digits-gmm-inpaint": (1e-3, 5e-4, 2.5e-4),
+    "digits-gmm-deblur": (1e-3, 5e-4, 2.5e-4),
+    "patches16-gmm-denoise": (8e-3, 4e-3, 2e-3),
+    "patches16-gmm-superres": (1e-3, 5e-4, 2.5e-4),
+    "patches16-gmm-inpaint": (1e-3, 5e-4, 2.5e-4),
+    "patches16-gmm-deblur": (1e-3, 5e-4, 2.5e-4),
     "digits-network-denoise": (4e-2, 2e-2),
     "digits-network-superres": (4e-2, 2e-2),
     "digits-network-inpaint": (4e-2, 2e-2),
@@ -66,6 +67,9 @@ FULL_EPS = {
     "patches16-network-inpaint": (4e-2,),
     "patches16-network-deblur": (4e-2,),
 }
+# Paths per sampler call. A GMM score is so cheap that a 512-path call of a coarse level (4-8
+# steps) is dominated by per-call overhead; 2048 paths keep MLMC's NFE rate near MC's.
+BATCH_SIZE = {"gmm": 2048, "network": 512}
 QUANTITIES = ("mean", "second_moment", "variance")
 
 
@@ -153,7 +157,7 @@ def _finite(x):
 
 
 def run_problem(
-    name, eps_list, *, seed=0, batch_size=512, run_mc=True, sampler=None, spacing=None, log=print
+    name, eps_list, *, seed=0, batch_size=None, run_mc=True, sampler=None, spacing=None, log=print
 ):
     """Run one problem at every eps in `eps_list` (loosest first). Returns `(record, timing,
     arrays)`: the deterministic record, the seconds, and the tightest estimates. `sampler` and
@@ -165,6 +169,8 @@ def run_problem(
     t0 = time.perf_counter()
     problem = build_problem(name, seed=seed, sampler=sampler, spacing=spacing)
     build_s = time.perf_counter() - t0
+    if batch_size is None:
+        batch_size = BATCH_SIZE[problem.prior]
     sampler = problem.level_sampler
     record = {
         "problem": name,
@@ -191,15 +197,9 @@ def run_problem(
     for i, eps in enumerate(sorted(eps_list, reverse=True)):
         mlmc = MLMC(sampler, batch_size=batch_size, chunk_size=None)
         key = jr.fold_in(base, 2 * i)
-        if i == 0:  # compile every shape the runs use, untimed
+        if i == 0:  # compile every shape the runs use, untimed (_warm_up)
             t = time.perf_counter()
-            mlmc.run(key, rmse=eps, functionals=FUNCTIONALS, progress_bar=False)
-            MonteCarlo(sampler, level=0, batch_size=batch_size, chunk_size=None).run(
-                key,
-                num_samples=batch_size + batch_size // 4 + batch_size // 16,
-                functionals=FUNCTIONALS,
-                progress_bar=False,
-            )
+            _warm_up(sampler, batch_size, jr.fold_in(base, 2**31 - 1))
             timing["warmup_s"] = time.perf_counter() - t
         with CompileTimer() as ct:
             t = time.perf_counter()
@@ -255,6 +255,23 @@ def run_problem(
         arrays.update({f"mlmc_{q}": v for q, v in _estimates(ml).items()})
         log(_line(name, run, run_timing))
     return record, timing, arrays
+
+
+def _warm_up(sampler, batch_size, key):
+    """Compile what the timed runs use, cheaply: one draw of every batch shape the engines use
+    (`batch_size`, `/4`, `/16`), coupled and single, at levels 0-1 (one and two steps). The
+    reverse-diffusion grids share one compilation across levels (device loop) or step with
+    level-independent jitted steps (host loop), so no later level compiles; `CompileTimer`
+    reports any compilation left in the timed runs and it is subtracted."""
+    from ._mlmc import MLMC, MonteCarlo
+
+    n = batch_size + batch_size // 4 + batch_size // 16
+    MLMC(sampler, batch_size=batch_size, chunk_size=None).run(
+        key, num_samples=[n, n], functionals=FUNCTIONALS, progress_bar=False
+    )
+    MonteCarlo(sampler, level=0, batch_size=batch_size, chunk_size=None).run(
+        key, num_samples=n, functionals=FUNCTIONALS, progress_bar=False
+    )
 
 
 def _line(name, run, timing):
@@ -451,7 +468,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-mc", action="store_true", help="skip the measured MC runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="paths per sampler call (default: 2048 for GMM priors, 512 for networks)",
+    )
     parser.add_argument(
         "--out",
         help="output folder (default: benchmarks/results/suite, or benchmarks/results/"
@@ -519,7 +540,7 @@ def write_summary(out: Path, mode: str) -> None:
 
 
 def run(args) -> int:
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}.")
     chosen = select(args)
     out = Path(args.out or ("benchmarks/results/suite" + ("-quick" if args.quick else "")))

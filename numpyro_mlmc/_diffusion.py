@@ -8,6 +8,8 @@ function of `keys[i]`, so results do not depend on how paths are grouped into ba
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -76,7 +78,11 @@ class ReverseDiffusion(eqx.Module):
 
     The start state is `x_start_mean + x_start_std * z` with `z ~ N(0, I)`: for unconditional
     sampling `(0, sqrt(alpha_T^2 + sigma_T^2))`; for the start-time denoising sampler
-    `(alpha(t*) y, 0)`.
+    `(alpha(t*) y, 0)`. With `exact_start=True` it is instead an exact draw of the model's own
+    marginal at `t_start` (`model.sample_marginal(key, t_start)`, e.g. a Gaussian mixture's):
+    the reference law `N(0, I)` misses the mean `alpha_T E[x_0]` (`alpha_T ~ 0.0066` for the
+    default VP schedule), a bias of order `alpha_T sqrt(lambda) |mu|` that no number of steps
+    removes (measured: 7e-4 RMS in the second moment of a digits-GMM inpainting posterior).
 
     Attributes:
         model: per-sample score model (prior, or a guided posterior score).
@@ -85,6 +91,7 @@ class ReverseDiffusion(eqx.Module):
         t_start, t_end: the time interval (`t_start > t_end`).
         x_start_mean: array broadcastable to `event_shape`.
         x_start_std: scalar.
+        exact_start: start from `model.sample_marginal(key, t_start)` (ignores the two above).
         spacing, exponent: time spacing of the grids (see `time_grid`).
         loop: where the loop over steps runs. `"device"`: one compiled program per batch
             (a `lax.fori_loop` over the steps); `"host"`: a Python loop calling one compiled
@@ -108,9 +115,15 @@ class ReverseDiffusion(eqx.Module):
     spacing: str = eqx.field(static=True, default="uniform")
     exponent: float = eqx.field(static=True, default=2.0)
     loop: str = eqx.field(static=True, default="auto")
+    exact_start: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         resolve_loop(self.loop)
+        if self.exact_start and not hasattr(self.model, "sample_marginal"):
+            raise TypeError(
+                f"exact_start=True needs a score model with sample_marginal(key, t) (a "
+                f"GaussianMixtureScoreModel); {type(self.model).__name__} has none."
+            )
 
     def times(self, num_steps: int) -> np.ndarray:
         """The decreasing grid of `num_steps` steps (float64 numpy, shape `(num_steps + 1,)`)."""
@@ -129,17 +142,19 @@ class ReverseDiffusion(eqx.Module):
         return self.sampler.num_function_evaluations(check_num_steps(num_steps), final_sigma)
 
     def start(self, key, dtype=jnp.float32):
+        if self.exact_start:
+            return self.model.sample_marginal(key, self.t_start, dtype)
         z = jr.normal(key, self.event_shape, dtype)
         return jnp.asarray(self.x_start_mean, dtype) + self.x_start_std * z
 
     def _padded_times(self, num_steps: int):
-        # Grids are padded to a bucket of `_GRID_BUCKET` steps (or the next power of two above
-        # it) and the step count is traced, so one compilation serves every level.
-        times = self.times(num_steps)
-        capacity = max(_GRID_BUCKET, 1 << (num_steps - 1).bit_length())
-        padded = np.full(capacity + 1, times[-1])
-        padded[: num_steps + 1] = times
-        return jnp.asarray(padded, dtype=jnp.float32), jnp.asarray(num_steps, jnp.int32)
+        return _padded_grid(
+            check_num_steps(num_steps),
+            float(self.t_start),
+            float(self.t_end),
+            self.spacing,
+            float(self.exponent),
+        )
 
     def sample(self, keys, num_steps: int):
         """End states of `keys.shape[0]` independent paths; shape `(B, *event_shape)`."""
@@ -168,6 +183,18 @@ class ReverseDiffusion(eqx.Module):
                 self, fine, coarse, times, jnp.asarray(j, jnp.int32), m, path_keys
             )
         return fine, coarse
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_grid(num_steps, t_start, t_end, spacing, exponent):
+    """The `num_steps` grid padded to a bucket of `_GRID_BUCKET` steps (or the next power of
+    two above it), with the step count as a traced scalar, so one compilation serves every
+    level; cached, as every batch of a level asks for the same grid."""
+    times = time_grid(num_steps, t_start=t_start, t_end=t_end, spacing=spacing, exponent=exponent)
+    capacity = max(_GRID_BUCKET, 1 << (num_steps - 1).bit_length())
+    padded = np.full(capacity + 1, times[-1])
+    padded[: num_steps + 1] = times
+    return jnp.asarray(padded, dtype=jnp.float32), jnp.asarray(num_steps, jnp.int32)
 
 
 def _split_path_key(key):
@@ -237,6 +264,7 @@ class DiffusionLevelSampler:
         self.refinement = check_refinement(refinement)
         self.site = site
         self.event_shapes = {site: diffusion.event_shape}
+        self._costs = {}  # (level, coupled) -> NFEs per draw
 
     def num_steps(self, level: int) -> int:
         if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
@@ -244,10 +272,12 @@ class DiffusionLevelSampler:
         return self.refinement ** int(level)
 
     def cost(self, level: int, coupled: bool) -> int:
-        fine = self.diffusion.nfe(self.num_steps(level))
-        if not coupled:
-            return fine
-        return fine + self.diffusion.nfe(self.num_steps(level - 1))
+        key = (int(level), bool(coupled))
+        if key not in self._costs:
+            fine = self.diffusion.nfe(self.num_steps(level))
+            coarse = self.diffusion.nfe(self.num_steps(level - 1)) if coupled else 0
+            self._costs[key] = fine + coarse
+        return self._costs[key]
 
     def sample(self, keys, level: int, coupled: bool):
         n = self.num_steps(level)

@@ -83,6 +83,21 @@ class GaussianMixtureScoreModel(AbstractScoreModel):
         comp, _ = self._components(x, t)
         return jax.nn.softmax(self.log_weights + comp)
 
+    def sample_marginal(self, key, t, dtype=jnp.float32):
+        """One exact draw of `x_t ~ p_t` (shape `event_shape`): a component `k ~ w`, then
+        `alpha_t mu_k + (alpha_t^2 Sigma_k + sigma_t^2 I)^{1/2} z`. Reverse diffusion started
+        from this law at `t_max` has no start-law bias (`N(0, I)` misses `alpha_{t_max} mu`)."""
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        k_comp, k_noise = jr.split(key)
+        k = jr.categorical(k_comp, self.log_weights)
+        z = jr.normal(k_noise, (self.means.shape[-1],), dtype)
+        u = self.eigenvectors[k]  # (D, r)
+        coef = u.T @ z
+        x = a * self.means[k] + u @ (jnp.sqrt(a**2 * self.eigenvalues[k] + s**2) * coef)
+        if self.isotropic is not None:
+            x = x + jnp.sqrt(a**2 * self.isotropic[k] + s**2) * (z - u @ coef)
+        return x.reshape(self.event_shape).astype(dtype)
+
     def score(self, x, t):
         comp, per_comp = self._components(x, t)
         resp = jax.nn.softmax(self.log_weights + comp)
@@ -108,10 +123,9 @@ def low_rank_split(eigenvalues, eigenvectors, rtol=ISOTROPIC_RTOL):
     d = lam.shape[-1]
     tol = rtol * lam[:, -1:]
     above = np.sum(lam - lam[:, :1] > tol, axis=-1)
-    r = int(above.max())
-    if r > d // 2:
+    r = max(int(above.max()), 1)
+    if r > d // 2 or r >= d:
         return eigenvalues, eigenvectors, None
-    r = max(r, 1)
     return lam[:, d - r :], np.asarray(eigenvectors)[:, :, d - r :], lam[:, : d - r].mean(-1)
 
 

@@ -139,6 +139,7 @@ class DiffusionPosterior(MCMCKernel):
                 x_start_mean=zeros,
                 x_start_std=schedule.prior_std(),
                 t_start=schedule.t_max,
+                exact_start=True,  # the diffused posterior at t_max, exactly
                 **common,
             )
         elif guidance == "denoise":

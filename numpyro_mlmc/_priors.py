@@ -82,9 +82,13 @@ class AbstractDiffusionPrior(Distribution):
         """The per-sample score model `(x, t) -> score / x0_hat` of this prior."""
 
     def reverse_diffusion(self, sampler=None, spacing: str | None = None) -> ReverseDiffusion:
-        """Unconditional reverse diffusion from `t_max` to 0 with this prior's score."""
+        """Unconditional reverse diffusion from `t_max` to 0 with this prior's score, started
+        from `N(0, (alpha_T^2 + sigma_T^2) I)`, or exactly from the diffused prior when the
+        score model can draw it (`sample_marginal`, Gaussian mixtures)."""
+        model = self.score_model()
         return ReverseDiffusion(
-            model=self.score_model(),
+            model=model,
+            exact_start=hasattr(model, "sample_marginal"),
             sampler=get_sampler(self.sampler if sampler is None else sampler),
             x_start_mean=jnp.zeros(self.event_shape),
             x_start_std=self.schedule.prior_std(),
