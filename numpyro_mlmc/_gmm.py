@@ -91,12 +91,14 @@ class GaussianMixtureScoreModel(AbstractScoreModel):
         k_comp, k_noise = jr.split(key)
         k = jr.categorical(k_comp, self.log_weights)
         z = jr.normal(k_noise, (self.means.shape[-1],), dtype)
-        u = self.eigenvectors[k]  # (D, r)
-        coef = u.T @ z
-        x = a * self.means[k] + u @ (jnp.sqrt(a**2 * self.eigenvalues[k] + s**2) * coef)
+        # every component's draw, then pick one: no per-path gather of a (D, r) basis
+        coef = jnp.einsum("kdj,d->kj", self.eigenvectors, z)  # (K, r)
+        scale = jnp.sqrt(a**2 * self.eigenvalues + s**2)
+        x = a * self.means + jnp.einsum("kdj,kj->kd", self.eigenvectors, scale * coef)
         if self.isotropic is not None:
-            x = x + jnp.sqrt(a**2 * self.isotropic[k] + s**2) * (z - u @ coef)
-        return x.reshape(self.event_shape).astype(dtype)
+            inside = jnp.einsum("kdj,kj->kd", self.eigenvectors, coef)
+            x = x + jnp.sqrt(a**2 * self.isotropic + s**2)[:, None] * (z[None, :] - inside)
+        return x[k].reshape(self.event_shape).astype(dtype)
 
     def score(self, x, t):
         comp, per_comp = self._components(x, t)

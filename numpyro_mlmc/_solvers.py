@@ -226,7 +226,12 @@ def get_sampler(sampler) -> AbstractReverseSampler:
     )
 
 
-def _step_noise(key, index, shape, dtype):
+def _step_noise(key, index, shape, dtype, stochastic=True):
+    """`normal(fold_in(key, index))`; zeros for a deterministic sampler, whose step ignores its
+    noise (skipping the draw saves a random-bit generation per step, which costs as much as a
+    cheap analytic score)."""
+    if not stochastic:
+        return jnp.zeros(shape, dtype)
     return jr.normal(jr.fold_in(key, index), shape, dtype)
 
 
@@ -254,7 +259,7 @@ def reverse_path(
 
 def path_step(sampler, model, x, times, k, key):
     """Step `k` of `reverse_path` (from `times[k]` to `times[k + 1]`, noise index `k`)."""
-    z = _step_noise(key, k, x.shape, x.dtype)
+    z = _step_noise(key, k, x.shape, x.dtype, sampler.stochastic)
     return sampler.step(model, x, times[k], times[k + 1], z)
 
 
@@ -265,7 +270,7 @@ def coupled_block(sampler, model, x_fine, x_coarse, fine_times, j, refinement: i
     taus = jax.lax.dynamic_slice_in_dim(fine_times, j * m, m + 1)
     x, eta, var = x_fine, jnp.zeros_like(x_fine), jnp.zeros((), x_fine.dtype)
     for i in range(m):
-        z = _step_noise(key, j * m + i, x.shape, x.dtype)
+        z = _step_noise(key, j * m + i, x.shape, x.dtype, sampler.stochastic)
         t, s = taus[i], taus[i + 1]
         x = sampler.step(model, x, t, s, z)
         if sampler.stochastic:
