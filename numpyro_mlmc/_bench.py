@@ -38,10 +38,12 @@ import numpy as np
 
 from ._bench_problems import DATASETS, PRIORS, TASKS, build_problem, problem_name
 
-# Target RMSEs per problem. Quick: every digits problem at one loose eps (<= 5 min on 2 CPU
-# cores). Full (<= 60 min on 2 cores): GMM problems down to the eps where MLMC's levels reach
-# 256-512 steps and measured MC takes at most about two minutes; network problems at the eps a
-# CPU affords (a UNet evaluation costs ~1-4 ms here, against ~2-15 us for a GMM score).
+# Target RMSEs per problem. Quick: every digits problem at one eps (aimed at <= 5 min on 2 CPU
+# cores). Full (aimed at <= 60 min on 2 cores): GMM problems down to the eps where MLMC's levels
+# reach 256-512 steps and measured MC takes at most about two minutes (17 min for all eight);
+# network problems at the eps a CPU affords (a UNet evaluation costs ~1-4 ms here, against
+# ~2-15 us for a GMM score): 15 min for five; the three patches16-network inverse problems
+# (PiGDM through the 16x16 UNet) took over 8 min each and were not finished on 2 cores.
 QUICK_EPS = {
     "digits-gmm-denoise": (4e-3,),
     "digits-gmm-superres": (2e-3,),
@@ -146,6 +148,11 @@ def _level_table(result):
         "fine_variance": [float(v) for v in t.fine_variance],
         "fine_mean_abs": [float(v) for v in t.fine_mean_abs],
     }
+
+
+def _eps_text(eps):
+    """`2.5e-04`, `2e-03`: two significant digits only where needed."""
+    return f"{eps:.1e}".replace(".0e", "e")
 
 
 def _finite(x):
@@ -325,7 +332,7 @@ def plot_problem(record, arrays, path):
     ax[1].legend()
     for r in runs:
         t = r["mlmc"]["table"]
-        ax[2].semilogy(t["level"], t["samples"], "o-", label=f"eps {r['eps']:.0e}")
+        ax[2].semilogy(t["level"], t["samples"], "o-", label=f"eps {_eps_text(r['eps'])}")
     ax[2].set(xlabel="level $l$", ylabel="$N_l$", title="samples per level")
     ax[2].legend()
     eps = np.array([r["eps"] for r in runs])
@@ -407,7 +414,7 @@ def summary_table(records, timings) -> str:
             ml, mc = run["mlmc"], run["mc"]
             real = ml["realised_rmse"]
             rows.append(
-                f"| {rec['problem']} | {rec['guidance']} | {run['eps']:.0e} | "
+                f"| {rec['problem']} | {rec['guidance']} | {_eps_text(run['eps'])} | "
                 f"{ml['levels'][0]}-{ml['levels'][1]} | {ml['cost_nfe']:,} | "
                 + (
                     f"{mc['cost_nfe']:,} ({mc['level']}) | **{run['nfe_ratio']:.2f}** | "
