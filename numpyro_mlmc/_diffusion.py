@@ -202,7 +202,26 @@ def _split_path_key(key):
     return start_key, path_key
 
 
-@eqx.filter_jit
+def _async_jit(fn):
+    """`jax.jit` of `fn(*args)` with every non-array leaf of `args` static (as
+    `eqx.filter_jit`), but returning as soon as the call is dispatched: `eqx.filter_jit` waits
+    for each call to finish (to report `eqx.error_if` errors, which these functions do not
+    use), which would keep the host idle while a batch runs and the device idle while the host
+    merges the previous one (`_mlmc._Engine.draw` overlaps the two)."""
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def compiled(static, dynamic):
+        return fn(*eqx.combine(dynamic, static))
+
+    @functools.wraps(fn)
+    def call(*args):
+        dynamic, static = eqx.partition(args, eqx.is_array)
+        return compiled(static, dynamic)
+
+    return call
+
+
+@_async_jit
 def _start_batch(diffusion: ReverseDiffusion, keys):
     def one(key):
         start_key, path_key = _split_path_key(key)
@@ -211,7 +230,7 @@ def _start_batch(diffusion: ReverseDiffusion, keys):
     return jax.vmap(one)(keys)
 
 
-@eqx.filter_jit
+@_async_jit
 def _step_batch(diffusion: ReverseDiffusion, x, times, k, path_keys):
     def one(x, key):
         return path_step(diffusion.sampler, diffusion.model, x, times, k, key)
@@ -219,7 +238,7 @@ def _step_batch(diffusion: ReverseDiffusion, x, times, k, path_keys):
     return jax.vmap(one)(x, path_keys)
 
 
-@eqx.filter_jit
+@_async_jit
 def _coupled_block_batch(diffusion: ReverseDiffusion, fine, coarse, times, j, m, path_keys):
     def one(x_fine, x_coarse, key):
         return coupled_block(diffusion.sampler, diffusion.model, x_fine, x_coarse, times, j, m, key)
@@ -227,7 +246,7 @@ def _coupled_block_batch(diffusion: ReverseDiffusion, fine, coarse, times, j, m,
     return jax.vmap(one)(fine, coarse, path_keys)
 
 
-@eqx.filter_jit
+@_async_jit
 def _sample_batch(diffusion: ReverseDiffusion, times, num_steps, keys):
     def one(key):
         start_key, path_key = _split_path_key(key)
@@ -237,7 +256,7 @@ def _sample_batch(diffusion: ReverseDiffusion, times, num_steps, keys):
     return jax.vmap(one)(keys)
 
 
-@eqx.filter_jit
+@_async_jit
 def _sample_coupled_batch(diffusion: ReverseDiffusion, times, num_steps, refinement, keys):
     def one(key):
         start_key, path_key = _split_path_key(key)

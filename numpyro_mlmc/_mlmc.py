@@ -13,6 +13,7 @@ References: Giles, "Multilevel Monte Carlo path simulation" (Oper. Res. 2008); G
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import numbers
@@ -46,6 +47,8 @@ KURTOSIS_WARNING = 100.0
 CONSISTENCY_FALSE_ALARM = 0.01
 # Stop the adaptive loop after this many rounds (each round at least tops up one level).
 MAX_ROUNDS = 200
+# batches dispatched ahead of the one being merged (`_Engine.draw`)
+_IN_FLIGHT = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,78 +303,108 @@ class _Engine:
 
     def draw(self, level, count, show=None):
         """Add `count` finite draws to `level` (more attempts if non-finite ones are dropped
-        with `on_nonfinite="discard"`)."""
-        coupled = self._roles[level]
+        with `on_nonfinite="discard"`).
+
+        Batches are dispatched up to `_IN_FLIGHT` ahead of the one being merged: JAX runs a
+        sampler call asynchronously, so the host merges batch `i` into the accumulators
+        while the device computes batch `i + 1`. The batches, their keys and the merge order
+        are those of a one-at-a-time loop (each batch takes the largest compiled shape that
+        fits what is still planned), so results do not depend on the look-ahead. If starting
+        a batch raises (an interrupt), the batches already started are merged first, so a
+        checkpointed run loses no finished work."""
         level_key = jr.fold_in(self.key, level)
         target = self.count(level) + count
         while self.count(level) < target:
-            remaining = target - self.count(level)
-            # the largest compiled shape that fits; only a last remainder below the smallest
-            # shape is padded, so padding wastes fewer than batch_size / 16 draws per top-up
-            shape = next((s for s in self.batch_shapes if s <= remaining), self.batch_shapes[-1])
-            take = min(shape, remaining)
+            planned = target - self.count(level)
             start = self.next_index[level]
-            # keys start .. start + padded shape - 1 in fixed-size chunks, this process's
-            # chunks each on one of its devices (`_sharding.py`): one sampler call per chunk,
-            # dispatched asynchronously so the devices run together; the padding rows are
-            # dropped below
-            outputs = [
-                self.sampler.sample(keys, level, coupled)
-                for keys in self.runner.keys(level_key, start, shape)
-            ]
-            for fine, coarse in outputs:
-                if not isinstance(fine, dict) or (coupled and not isinstance(coarse, dict)):
-                    raise TypeError(
-                        f"{type(self.sampler).__name__}.sample must return (dict, dict | None), "
-                        f"got ({type(fine).__name__}, {type(coarse).__name__})."
+            pending = collections.deque()
+            while planned > 0 or pending:
+                while planned > 0 and len(pending) < _IN_FLIGHT:
+                    # the largest compiled shape that fits; only a last remainder below the
+                    # smallest shape is padded, so padding wastes fewer than batch_size / 16
+                    # draws per top-up
+                    shape = next(
+                        (s for s in self.batch_shapes if s <= planned), self.batch_shapes[-1]
                     )
-            if self.functionals is None:
-                fine = outputs[0][0]
-                self._setup(fine)
-                shapes = jax.eval_shape(lambda f: self.evaluate(f, None)[0], fine)
-                self._value_shapes = {k: tuple(v.shape[1:]) for k, v in shapes.items()}
-                for lev, role in self._roles.items():
-                    if self.accumulators[lev] is None:
-                        self.accumulators[lev] = self._make_acc(role)
-            values_f, values_c, finite = self.runner.gather(
-                [self.evaluate(f, c if coupled else None) for f, c in outputs]
-            )
-            finite = np.asarray(finite)[:take]
-            values_f = {k: np.asarray(v, np.float64)[:take] for k, v in values_f.items()}
-            if coupled:
-                values_c = {k: np.asarray(v, np.float64)[:take] for k, v in values_c.items()}
-            self.next_index[level] = start + take
-            bad = int(take - finite.sum())
-            if bad:
-                if self.on_nonfinite == "raise":
-                    first = start + int(np.nonzero(~finite)[0][0])
-                    raise FloatingPointError(
-                        f"level {level} produced {bad} non-finite draw(s) (NaN or inf) among "
-                        f"samples {start}..{start + take - 1} (first: sample {first}); check the "
-                        "score model and step sizes at this level, or pass "
-                        "on_nonfinite='discard' to drop such draws (this biases the estimate)."
-                    )
-                self.discarded[level] += bad
-                self.wasted_cost += bad * self.cost(level, coupled)
-                kept = self.count(level) + int(finite.sum())
-                if self.discarded[level] > max(kept, 64):  # also ends an all-NaN level
-                    raise FloatingPointError(
-                        f"level {level}: {self.discarded[level]} of "
-                        f"{self.discarded[level] + kept} draws so far are non-finite (NaN or "
-                        "inf), more than half; discarding them would leave an estimate "
-                        "dominated by that bias. Fix the score model or the step sizes at this "
-                        "level (more steps, a later end time)."
-                    )
-                values_f = {k: v[finite] for k, v in values_f.items()}
-                if coupled:
-                    values_c = {k: v[finite] for k, v in values_c.items()}
-            self.accumulators[level].update(values_f, values_c if coupled else None)
-            self._store(level, [f for f, _ in outputs], take, finite)
-            self.after_batch(level)
-            if self.bar is not None:
-                self.bar.update(int(finite.sum()))
+                    take = min(shape, planned)
+                    try:
+                        dispatched = self._dispatch(level_key, level, start, shape)
+                    except BaseException:  # e.g. KeyboardInterrupt: keep the batches started
+                        while pending:
+                            self._merge(level, *pending.popleft())
+                        raise
+                    pending.append((start, take, dispatched))
+                    start += take
+                    planned -= take
+                self._merge(level, *pending.popleft())
         if show is not None and self.bar is not None:
             self.bar.set_postfix_str(show, refresh=False)
+
+    def _dispatch(self, level_key, level, start, shape):
+        """Start the sampler calls and the functionals of one batch (asynchronously): keys
+        `start .. start + padded shape - 1` in fixed-size chunks, this process's chunks each on
+        one of its devices (`_sharding.py`). Returns `(fine chunks, evaluated chunks)`."""
+        coupled = self._roles[level]
+        outputs = [
+            self.sampler.sample(keys, level, coupled)
+            for keys in self.runner.keys(level_key, start, shape)
+        ]
+        for fine, coarse in outputs:
+            if not isinstance(fine, dict) or (coupled and not isinstance(coarse, dict)):
+                raise TypeError(
+                    f"{type(self.sampler).__name__}.sample must return (dict, dict | None), "
+                    f"got ({type(fine).__name__}, {type(coarse).__name__})."
+                )
+        if self.functionals is None:
+            fine = outputs[0][0]
+            self._setup(fine)
+            shapes = jax.eval_shape(lambda f: self.evaluate(f, None)[0], fine)
+            self._value_shapes = {k: tuple(v.shape[1:]) for k, v in shapes.items()}
+            for lev, role in self._roles.items():
+                if self.accumulators[lev] is None:
+                    self.accumulators[lev] = self._make_acc(role)
+        evaluated = [self.evaluate(f, c if coupled else None) for f, c in outputs]
+        return [f for f, _ in outputs], evaluated
+
+    def _merge(self, level, start, take, dispatched):
+        """Merge the first `take` rows of a dispatched batch into `level`'s accumulator."""
+        coupled = self._roles[level]
+        fine_chunks, evaluated = dispatched
+        values_f, values_c, finite = self.runner.gather(evaluated)
+        finite = np.asarray(finite)[:take]
+        values_f = {k: np.asarray(v, np.float64)[:take] for k, v in values_f.items()}
+        if coupled:
+            values_c = {k: np.asarray(v, np.float64)[:take] for k, v in values_c.items()}
+        self.next_index[level] = start + take
+        bad = int(take - finite.sum())
+        if bad:
+            if self.on_nonfinite == "raise":
+                first = start + int(np.nonzero(~finite)[0][0])
+                raise FloatingPointError(
+                    f"level {level} produced {bad} non-finite draw(s) (NaN or inf) among "
+                    f"samples {start}..{start + take - 1} (first: sample {first}); check the "
+                    "score model and step sizes at this level, or pass "
+                    "on_nonfinite='discard' to drop such draws (this biases the estimate)."
+                )
+            self.discarded[level] += bad
+            self.wasted_cost += bad * self.cost(level, coupled)
+            kept = self.count(level) + int(finite.sum())
+            if self.discarded[level] > max(kept, 64):  # also ends an all-NaN level
+                raise FloatingPointError(
+                    f"level {level}: {self.discarded[level]} of "
+                    f"{self.discarded[level] + kept} draws so far are non-finite (NaN or "
+                    "inf), more than half; discarding them would leave an estimate "
+                    "dominated by that bias. Fix the score model or the step sizes at this "
+                    "level (more steps, a later end time)."
+                )
+            values_f = {k: v[finite] for k, v in values_f.items()}
+            if coupled:
+                values_c = {k: v[finite] for k, v in values_c.items()}
+        self.accumulators[level].update(values_f, values_c if coupled else None)
+        self._store(level, fine_chunks, take, finite)
+        self.after_batch(level)
+        if self.bar is not None:
+            self.bar.update(int(finite.sum()))
 
     def after_batch(self, level):
         """Hook after each merged batch (`_run_checkpoint.ResumableEngine` saves here)."""
