@@ -69,6 +69,10 @@ FULL_EPS = {
     "patches16-network-inpaint": (4e-2,),
     "patches16-network-deblur": (4e-2,),
 }
+# Pilot draws per level (MLMC) and for MC's variance estimate. A network evaluation costs
+# ~1 ms here, and at the eps a CPU affords (2e-2 - 4e-2) plain MC needs only a few hundred
+# draws: 128-draw pilots on four or five levels would make the comparison one of pilots.
+PILOT_SAMPLES = {"gmm": 128, "network": 32}
 QUANTITIES = ("mean", "second_moment", "variance")
 
 
@@ -161,11 +165,21 @@ def _finite(x):
 
 
 def run_problem(
-    name, eps_list, *, seed=0, batch_size=512, run_mc=True, sampler=None, spacing=None, log=print
+    name,
+    eps_list,
+    *,
+    seed=0,
+    batch_size=512,
+    run_mc=True,
+    sampler=None,
+    spacing=None,
+    pilot_samples=None,
+    log=print,
 ):
     """Run one problem at every eps in `eps_list` (loosest first). Returns `(record, timing,
     arrays)`: the deterministic record, the seconds, and the tightest estimates. `sampler` and
-    `spacing` override the task's defaults (`_bench_problems.SAMPLING`)."""
+    `spacing` override the task's defaults (`_bench_problems.SAMPLING`), `pilot_samples` the
+    prior's (`PILOT_SAMPLES`)."""
     import jax.random as jr
 
     from ._mlmc import MLMC, MonteCarlo
@@ -174,6 +188,8 @@ def run_problem(
     problem = build_problem(name, seed=seed, sampler=sampler, spacing=spacing)
     build_s = time.perf_counter() - t0
     sampler = problem.level_sampler
+    if pilot_samples is None:
+        pilot_samples = PILOT_SAMPLES[problem.prior]
     record = {
         "problem": name,
         "dataset": problem.dataset,
@@ -187,6 +203,7 @@ def run_problem(
         "refinement": 2,
         "theta": 0.5,
         "batch_size": batch_size,
+        "pilot_samples": pilot_samples,
         "seed": seed,
         "quantities": list(FUNCTIONALS),
         "runs": [],
@@ -197,7 +214,9 @@ def run_problem(
         arrays.update({f"exact_{q}": v for q, v in problem.exact.items()})
     base = jr.key(seed)
     for i, eps in enumerate(sorted(eps_list, reverse=True)):
-        mlmc = MLMC(sampler, batch_size=batch_size, chunk_size=None)
+        mlmc = MLMC(
+            sampler, batch_size=batch_size, pilot_samples=pilot_samples, chunk_size=None
+        )
         key = jr.fold_in(base, 2 * i)
         if i == 0:  # compile every shape the runs use, untimed (_warm_up)
             t = time.perf_counter()
@@ -229,7 +248,11 @@ def run_problem(
         run_timing = {"eps": eps, "mlmc_s": ml_s - ct.seconds, "mlmc_compile_s": ct.seconds}
         if run_mc:
             mc_engine = MonteCarlo(
-                sampler, level=ml.finest_level, batch_size=batch_size, chunk_size=None
+                sampler,
+                level=ml.finest_level,
+                batch_size=batch_size,
+                pilot_samples=pilot_samples,
+                chunk_size=None,
             )
             with CompileTimer() as ct:
                 t = time.perf_counter()
@@ -468,6 +491,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override every problem's time spacing (default: uniform for denoising, "
         "polynomial else)",
     )
+    parser.add_argument(
+        "--pilot-samples",
+        type=int,
+        help="pilot draws per level for MLMC and for MC's variance estimate (default: 128 for "
+        "GMM priors, 32 for networks)",
+    )
     parser.add_argument("--no-mc", action="store_true", help="skip the measured MC runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -546,6 +575,8 @@ def write_summary(out: Path, mode: str) -> None:
 def run(args) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}.")
+    if args.pilot_samples is not None and args.pilot_samples < 2:
+        raise ValueError(f"--pilot-samples must be an int >= 2, got {args.pilot_samples}.")
     chosen = select(args)
     out = Path(args.out or ("benchmarks/results/suite" + ("-quick" if args.quick else "")))
     out.mkdir(parents=True, exist_ok=True)
@@ -561,6 +592,7 @@ def run(args) -> int:
             run_mc=not args.no_mc,
             sampler=args.sampler,
             spacing=args.spacing,
+            pilot_samples=args.pilot_samples,
             log=lambda s: print(s, flush=True),
         )
         _write_json(out / f"{name}.json", record)
