@@ -40,10 +40,10 @@ from ._bench_problems import DATASETS, PRIORS, TASKS, build_problem, problem_nam
 
 # Target RMSEs per problem. Quick: every digits problem at one eps (aimed at <= 5 min on 2 CPU
 # cores). Full (aimed at <= 60 min on 2 cores): GMM problems down to the eps where MLMC's levels
-# reach 256-512 steps and measured MC takes at most about two minutes (17 min for all eight);
-# network problems at the eps a CPU affords (a UNet evaluation costs ~1-4 ms here, against
-# ~2-15 us for a GMM score): 15 min for five; the three patches16-network inverse problems
-# (PiGDM through the 16x16 UNet) took over 8 min each and were not finished on 2 cores.
+# reach 128-512 steps and measured MC takes at most a few minutes (patches16 inverse problems
+# to 1.25e-4, where MC needs 15-40 M NFEs); network problems at the eps a CPU affords (a UNet
+# evaluation costs ~1-2 ms per path here, a PiGDM step through the 16x16 UNet ~2 ms, against
+# ~2-15 us for a GMM score), with 32-draw pilots (`PILOT_SAMPLES`).
 QUICK_EPS = {
     "digits-gmm-denoise": (4e-3,),
     "digits-gmm-superres": (2e-3,),
@@ -57,9 +57,9 @@ FULL_EPS = {
     "digits-gmm-inpaint": (1e-3, 5e-4, 2.5e-4),
     "digits-gmm-deblur": (1e-3, 5e-4, 2.5e-4),
     "patches16-gmm-denoise": (8e-3, 4e-3, 2e-3),
-    "patches16-gmm-superres": (1e-3, 5e-4, 2.5e-4),
-    "patches16-gmm-inpaint": (1e-3, 5e-4, 2.5e-4),
-    "patches16-gmm-deblur": (1e-3, 5e-4, 2.5e-4),
+    "patches16-gmm-superres": (5e-4, 2.5e-4, 1.25e-4),
+    "patches16-gmm-inpaint": (5e-4, 2.5e-4, 1.25e-4),
+    "patches16-gmm-deblur": (5e-4, 2.5e-4, 1.25e-4),
     "digits-network-denoise": (4e-2, 2e-2),
     "digits-network-superres": (4e-2, 2e-2),
     "digits-network-inpaint": (4e-2, 2e-2),
@@ -155,8 +155,9 @@ def _level_table(result):
 
 
 def _eps_text(eps):
-    """`2.5e-04`, `2e-03`: two significant digits only where needed."""
-    return f"{eps:.1e}".replace(".0e", "e")
+    """`2.5e-04`, `1.25e-04`, `2e-03`: up to three significant digits, no trailing zeros."""
+    mantissa, exponent = f"{eps:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
 def _finite(x):

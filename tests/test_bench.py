@@ -98,7 +98,14 @@ def test_bench_bad_arguments(tmp_path, capsys):
     assert "--eps must be positive" in capsys.readouterr().err
     assert cli_main(["bench", "--only", "patches16-network-denoise", "--quick"]) == 2
     assert "pass --eps" in capsys.readouterr().err
+    assert cli_main(["bench", "--only", "digits-gmm-denoise", "--pilot-samples", "1"]) == 2
+    assert "--pilot-samples must be an int >= 2" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written before the error
+
+
+def test_eps_labels_keep_their_digits():
+    texts = [_bench._eps_text(e) for e in (2e-3, 2.5e-4, 1.25e-4, 4e-2)]
+    assert texts == ["2e-03", "2.5e-04", "1.25e-04", "4e-02"]
 
 
 def test_python_m_benchmarks_help():
