@@ -215,9 +215,7 @@ def run_problem(
         arrays.update({f"exact_{q}": v for q, v in problem.exact.items()})
     base = jr.key(seed)
     for i, eps in enumerate(sorted(eps_list, reverse=True)):
-        mlmc = MLMC(
-            sampler, batch_size=batch_size, pilot_samples=pilot_samples, chunk_size=None
-        )
+        mlmc = MLMC(sampler, batch_size=batch_size, pilot_samples=pilot_samples, chunk_size=None)
         key = jr.fold_in(base, 2 * i)
         if i == 0:  # compile every shape the runs use, untimed (_warm_up)
             t = time.perf_counter()
