@@ -202,6 +202,13 @@ def _split_path_key(key):
     return start_key, path_key
 
 
+class _ArraySlot:
+    """Marks where an array leaf goes in `_async_jit`'s static leaves."""
+
+
+_ARRAY = _ArraySlot()
+
+
 def _async_jit(fn):
     """`jax.jit` of `fn(*args)` with every non-array leaf of `args` static (as
     `eqx.filter_jit`), but returning as soon as the call is dispatched: `eqx.filter_jit` waits
@@ -211,12 +218,18 @@ def _async_jit(fn):
 
     @functools.partial(jax.jit, static_argnums=0)
     def compiled(static, dynamic):
-        return fn(*eqx.combine(dynamic, static))
+        treedef, static_leaves = static
+        arrays = iter(dynamic)
+        leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in static_leaves]
+        return fn(*jax.tree_util.tree_unflatten(treedef, leaves))
 
     @functools.wraps(fn)
     def call(*args):
-        dynamic, static = eqx.partition(args, eqx.is_array)
-        return compiled(static, dynamic)
+        # the tree structure and the non-array leaves are the (hashable) static part
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        dynamic = [leaf for leaf in leaves if eqx.is_array(leaf)]
+        static_leaves = tuple(_ARRAY if eqx.is_array(leaf) else leaf for leaf in leaves)
+        return compiled((treedef, static_leaves), dynamic)
 
     return call
 
