@@ -301,7 +301,7 @@ def _warm_up(sampler, batch_size, key):
 def _line(name, run, timing):
     ml = run["mlmc"]
     text = (
-        f"[{name}] eps {run['eps']:.1e}: MLMC levels {ml['levels'][0]}-{ml['levels'][1]} "
+        f"[{name}] eps {_eps_text(run['eps'])}: MLMC levels {ml['levels'][0]}-{ml['levels'][1]} "
         f"{ml['cost_nfe']:,} NFE {timing['mlmc_s']:.1f}s"
     )
     if ml["realised_rmse"]:
