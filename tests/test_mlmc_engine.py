@@ -106,6 +106,27 @@ def test_batch_size_does_not_change_the_estimate():
         np.testing.assert_allclose(a.estimates[name], b.estimates[name], rtol=1e-6, atol=1e-7)
 
 
+def test_look_ahead_does_not_change_the_run(monkeypatch):
+    """Batches dispatched ahead of the merge (`_IN_FLIGHT`) give the same adaptive run, bit
+    for bit, as merging each batch before starting the next."""
+    from numpyro_mlmc import _mlmc
+
+    def run():
+        return nm.MLMC(GBM, batch_size=64, pilot_samples=64).run(
+            jr.key(5), rmse=0.02, progress_bar=False
+        )
+
+    ahead = run()
+    monkeypatch.setattr(_mlmc, "_IN_FLIGHT", 1)
+    one_at_a_time = run()
+    assert ahead.cost == one_at_a_time.cost
+    np.testing.assert_array_equal(
+        ahead.levels["samples"].to_numpy(), one_at_a_time.levels["samples"].to_numpy()
+    )
+    for name in ahead.estimates:
+        np.testing.assert_array_equal(ahead.estimates[name], one_at_a_time.estimates[name])
+
+
 def test_default_key_fixed_allocation_and_result_api():
     r = nm.MLMC(GBM, min_level=1).run(jr.key(0), num_samples=[4000, 500, 200], progress_bar=False)
     assert r.levels.index.tolist() == [1, 2, 3]
