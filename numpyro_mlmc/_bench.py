@@ -41,9 +41,11 @@ from ._bench_problems import DATASETS, PRIORS, TASKS, build_problem, problem_nam
 # Target RMSEs per problem. Quick: every digits problem at one eps (aimed at <= 5 min on 2 CPU
 # cores). Full (aimed at <= 60 min on 2 cores): GMM problems down to the eps where MLMC's levels
 # reach 128-512 steps and measured MC takes at most a few minutes (patches16 inverse problems
-# to 1.25e-4, where MC needs 15-40 M NFEs); network problems at the eps a CPU affords (a UNet
-# evaluation costs ~1-2 ms per path here, a PiGDM step through the 16x16 UNet ~2 ms, against
-# ~2-15 us for a GMM score), with 32-draw pilots (`PILOT_SAMPLES`).
+# to 1.25e-4, where MC needs 7-35 M NFEs); network problems (about 4,000 UNet evaluations per
+# second in 512-path batches here, against ~100k-700k GMM scores) down to the eps where plain MC
+# at MLMC's finest level takes at most ~2.5 minutes: 5e-3 on the digits; on patches16 the
+# posteriors are wider, super-resolution most of all (MC at eps 4e-2 would need ~6,000 draws of
+# 512 steps, ~13 min), so its eps is looser. Pilots of 32 draws for networks (`PILOT_SAMPLES`).
 QUICK_EPS = {
     "digits-gmm-denoise": (4e-3,),
     "digits-gmm-superres": (2e-3,),
@@ -60,18 +62,18 @@ FULL_EPS = {
     "patches16-gmm-superres": (5e-4, 2.5e-4, 1.25e-4),
     "patches16-gmm-inpaint": (5e-4, 2.5e-4, 1.25e-4),
     "patches16-gmm-deblur": (5e-4, 2.5e-4, 1.25e-4),
-    "digits-network-denoise": (4e-2, 2e-2),
-    "digits-network-superres": (4e-2, 2e-2),
-    "digits-network-inpaint": (4e-2, 2e-2),
-    "digits-network-deblur": (4e-2, 2e-2),
-    "patches16-network-denoise": (4e-2,),
-    "patches16-network-superres": (4e-2,),
-    "patches16-network-inpaint": (4e-2,),
-    "patches16-network-deblur": (4e-2,),
+    "digits-network-denoise": (1e-2, 5e-3),
+    "digits-network-superres": (1e-2, 5e-3),
+    "digits-network-inpaint": (1e-2, 5e-3),
+    "digits-network-deblur": (1e-2, 5e-3),
+    "patches16-network-denoise": (2e-2, 1e-2),
+    "patches16-network-superres": (8e-2,),
+    "patches16-network-inpaint": (4e-2, 2e-2),
+    "patches16-network-deblur": (4e-2, 2e-2),
 }
-# Pilot draws per level (MLMC) and for MC's variance estimate. A network evaluation costs
-# ~1 ms here, and at the eps a CPU affords (2e-2 - 4e-2) plain MC needs only a few hundred
-# draws: 128-draw pilots on four or five levels would make the comparison one of pilots.
+# Pilot draws per level (MLMC) and for MC's variance estimate. At the network eps above plain MC
+# needs a few hundred to a few thousand draws, so 128-draw pilots on four or five levels would
+# be a large share of MLMC's cost (and of the comparison).
 PILOT_SAMPLES = {"gmm": 128, "network": 32}
 QUANTITIES = ("mean", "second_moment", "variance")
 
