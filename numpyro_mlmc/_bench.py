@@ -525,6 +525,16 @@ def select(args) -> dict:
                 f"--only {' '.join(args.only)} matches no problem; names look like "
                 f"'digits-gmm-denoise' (DATASET-PRIOR-TASK)."
             )
+    if args.sampler is not None:
+        from ._solvers import get_sampler
+
+        denoise = [n for n in names if n.endswith("-denoise")]
+        if denoise and not get_sampler(args.sampler).stochastic:
+            raise ValueError(
+                f"--sampler {args.sampler} is deterministic, and the denoising problems "
+                f"({', '.join(denoise)}) start every path from alpha(t*) y, so every draw would "
+                "be the same image; use a stochastic sampler there or leave them out (--only)."
+            )
     if args.eps:
         bad = [e for e in args.eps if not (0 < e < math.inf)]
         if bad:

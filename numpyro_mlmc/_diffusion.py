@@ -124,6 +124,18 @@ class ReverseDiffusion(eqx.Module):
                 f"exact_start=True needs a score model with sample_marginal(key, t) (a "
                 f"GaussianMixtureScoreModel); {type(self.model).__name__} has none."
             )
+        fixed_start = (
+            not self.exact_start
+            and isinstance(self.x_start_std, (int, float, np.floating, np.integer))
+            and float(self.x_start_std) == 0.0
+        )
+        if fixed_start and not self.sampler.stochastic:
+            raise ValueError(
+                f"every path starts from the same state (x_start_std=0, as guidance='denoise' "
+                f"starts at alpha(t*) y) and {self.sampler!r} is deterministic, so every draw "
+                f"would be the same image and the posterior variance zero. Use a stochastic "
+                f"sampler: Ancestral(), EulerMaruyama() or DDIM(eta > 0)."
+            )
 
     def times(self, num_steps: int) -> np.ndarray:
         """The decreasing grid of `num_steps` steps (float64 numpy, shape `(num_steps + 1,)`)."""

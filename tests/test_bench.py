@@ -100,6 +100,8 @@ def test_bench_bad_arguments(tmp_path, capsys):
     assert "pass --eps" in capsys.readouterr().err
     assert cli_main(["bench", "--only", "digits-gmm-denoise", "--pilot-samples", "1"]) == 2
     assert "--pilot-samples must be an int >= 2" in capsys.readouterr().err
+    assert cli_main(["bench", "--only", "digits-*-denoise", "--sampler", "ddim"]) == 2
+    assert "every draw would be the same image" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written before the error
 
 

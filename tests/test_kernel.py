@@ -292,6 +292,17 @@ def test_bad_models_get_clear_errors():
         with pytest.raises(ValueError, match=message):
             kernel.build((), {"y": obs})
 
+    # the start-time denoiser starts every path at alpha(t*) y: a deterministic sampler would
+    # return one image for every draw (found running the benchmark with --sampler ddim)
+    for sampler in ("ddim", "heun"):
+        kernel = nm.DiffusionPosterior(_model_from(plain), guidance="denoise", sampler=sampler)
+        with pytest.raises(ValueError, match="same image"):
+            kernel.build((), {"y": y})
+    stochastic = nm.DDIM(eta=0.5)
+    nm.DiffusionPosterior(_model_from(plain), guidance="denoise", sampler=stochastic).build(
+        (), {"y": y}
+    )
+
     net = nm.DiffusionPrior(lambda x, t: x, event_shape=(4,), parametrization="x0")
 
     def net_model(y=None):
