@@ -41,10 +41,10 @@ from ._bench_problems import DATASETS, PRIORS, TASKS, build_problem, problem_nam
 # Target RMSEs per problem. Quick: every digits problem at one eps (aimed at <= 5 min on 2 CPU
 # cores). Full (aimed at <= 60 min on 2 cores): GMM problems down to the eps where MLMC's levels
 # reach 128-512 steps and measured MC takes at most a few minutes (patches16 inverse problems to
-# 1.25e-4 or 6.25e-5, where MC needs 35-57 M NFEs); network problems (about 4,000-7,000 UNet
-# evaluations per second in 512-path batches here, against 100k-700k GMM scores) down to 5e-3 on
-# the digits, and to 2.5e-3 for super-resolution and deblurring, where the bias test asks for
-# 256 steps (plain MC there ~7-20 min); on patches16 the posteriors are wider, super-resolution
+# 1.25e-4 or 6.25e-5, where MC needs 35-57 M NFEs); network problems (plain MC ran 3,700-7,200
+# UNet evaluations per second here, against 0.1-2.6 M GMM scores) down to 5e-3 on the digits,
+# and to 2.5e-3 for super-resolution and deblurring, where the bias test asks for 256 steps
+# (plain MC there 3-18 min); on patches16 the posteriors are wider, super-resolution
 # most of all (MC at eps 4e-2 would need ~6,000 draws of 512 steps), so their eps are looser.
 # Pilots of 32 draws for networks (`PILOT_SAMPLES`).
 QUICK_EPS = {
